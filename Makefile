@@ -1,0 +1,39 @@
+# Quick start:  make train   (set up .venv, train the default config, print test AUC)
+#               make test    (set up .venv, run the linter and the whole test suite)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/criteo_dlrm
+CONFIG ?= configs/criteo_dlrm.py
+
+.PHONY: setup train test lint benchmarks compare clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+lint: $(STAMP)
+	$(BIN)/ruff check persia_jax experiments configs tests
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q tests
+
+compare: $(STAMP)
+	$(BIN)/python experiments/compare_modes.py --output_dir=benchmarks/results
+
+benchmarks: $(STAMP)
+	$(BIN)/python experiments/benchmark_embedding.py
+	$(BIN)/python experiments/benchmark_data.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Evaluation: CTR metrics, metric writers for the workdir, progress logging, plots."""

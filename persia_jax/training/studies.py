@@ -1,0 +1,106 @@
+"""Convergence studies: the same config trained in several modes and seeds, side by side."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import platform
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from persia_jax.evaluation import plots as plots_lib
+from persia_jax.training import trainer as trainer_lib
+
+# Each study variant: a label and the config fields it sets on top of the base config.
+DEFAULT_VARIANTS = {
+    "sync": {"mode": "sync", "embedding_staleness": 0, "dense_staleness": 0},
+    "hybrid": {"mode": "hybrid", "dense_staleness": 0},
+    "async": {"mode": "async", "dense_staleness": 4},
+}
+
+
+def variant_config(base: ml_collections.ConfigDict, overrides: dict[str, Any],
+                   seed: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.update(overrides)
+  config.seed = seed
+  return config
+
+
+def run_study(base: ml_collections.ConfigDict, *, variants: dict[str, dict[str, Any]],
+              seeds: Sequence[int], root: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Trains every variant with every seed into `root/<variant>_seed<k>`; returns summaries."""
+  root = pathlib.Path(root)
+  summaries = []
+  for label, overrides in variants.items():
+    for seed in seeds:
+      workdir = root / f"{label}_seed{seed}"
+      logging.info("Study run %s seed %d in %s", label, seed, workdir)
+      config = variant_config(base, overrides, seed)
+      summary = trainer_lib.train_and_evaluate(config, str(workdir))
+      summary["variant"] = label
+      summary["seed"] = seed
+      summary["samples_per_second"] = (
+          summary["steps"] * config.batch_size / summary["train_seconds"])
+      summaries.append(summary)
+  return summaries
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Mean and standard deviation over seeds of AUC, logloss and throughput per variant."""
+  rows = []
+  for label in dict.fromkeys(s["variant"] for s in summaries):
+    runs = [s for s in summaries if s["variant"] == label]
+    row = {"variant": label, "mode": runs[0]["mode"], "seeds": len(runs),
+           "embedding_staleness": runs[0]["embedding_staleness"],
+           "dense_staleness": runs[0]["dense_staleness"]}
+    for key in ("eval_auc", "eval_logloss", "samples_per_second", "train_seconds"):
+      values = np.asarray([r[key] for r in runs], np.float64)
+      row[key] = float(values.mean())
+      row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    rows.append(row)
+  return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], reference: str = "sync") -> str:
+  """Formats aggregated rows; AUC and throughput are also given relative to `reference`."""
+  ref = next((r for r in rows if r["variant"] == reference), None)
+  lines = ["| variant | mode | tau | dense delay | seeds | test AUC | test logloss |"
+           " AUC vs sync | samples/s | throughput vs sync |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    auc_delta = throughput_ratio = float("nan")
+    if ref:
+      auc_delta = row["eval_auc"] - ref["eval_auc"]
+      throughput_ratio = row["samples_per_second"] / ref["samples_per_second"]
+    lines.append(
+        f"| {row['variant']} | {row['mode']} | {row['embedding_staleness']} |"
+        f" {row['dense_staleness']} | {row['seeds']} |"
+        f" {row['eval_auc']:.4f} ± {row['eval_auc_std']:.4f} |"
+        f" {row['eval_logloss']:.4f} ± {row['eval_logloss_std']:.4f} |"
+        f" {auc_delta:+.4f} | {row['samples_per_second']:.0f} | {throughput_ratio:.2f}x |")
+  return "\n".join(lines)
+
+
+def write_report(summaries: list[dict[str, Any]], output_dir: str | pathlib.Path,
+                 *, command: str, name: str = "compare_modes") -> dict[str, Any]:
+  """Writes `<name>.json`, `<name>.md` and `<name>_auc.png` into `output_dir`."""
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  rows = aggregate(summaries)
+  machine = f"{platform.machine()}, {platform.processor() or 'unknown CPU'}"
+  report = {"command": command, "machine": machine, "rows": rows, "runs": summaries}
+  with open(output_dir / f"{name}.json", "w") as f:
+    json.dump(report, f, indent=2, default=lambda x: None if isinstance(x, float) and
+              math.isnan(x) else str(x))
+  table = markdown_table(rows)
+  with open(output_dir / f"{name}.md", "w") as f:
+    f.write(f"Command: `{command}`\n\nMachine: {machine}\n\n{table}\n")
+  runs = {f"{s['variant']} seed {s['seed']}": pathlib.Path(s["workdir"]) / "metrics.jsonl"
+          for s in summaries}
+  plots_lib.plot_metric(runs, key="eval_auc", out_png=output_dir / f"{name}_auc.png")
+  return report
