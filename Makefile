@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -29,7 +29,8 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
 compare: $(STAMP)
-	$(BIN)/python experiments/compare_modes.py --output_dir=benchmarks/results
+	$(BIN)/python experiments/compare_modes.py --variants=sync,hybrid,async,replay
+	$(BIN)/python experiments/compare_modes.py --variants=hybrid,hybrid_bf16,hybrid_fp16_wire --name=precision
 
 benchmarks: $(STAMP)
 	$(BIN)/python experiments/benchmark_embedding.py

@@ -127,7 +127,7 @@ def test_metrics_trimmed_on_resume(tmp_path):
   assert max(steps) == 4
 
 
-def test_end_to_end_loss_falls_and_auc_above_chance(tmp_path):
+def test_end_to_end_criteo_slice(tmp_path):
   config = small_config(mode="hybrid", embedding_staleness=2, num_train_steps=200,
                         batch_size=128, log_every_steps=50)
   summary = trainer_lib.train_and_evaluate(config, str(tmp_path))

@@ -205,7 +205,7 @@ def restore_checkpoint(path: str | os.PathLike, *, dense_target: Any,
   saved_tables = sorted(p.name for p in (path / "embedding").iterdir())
   if saved_tables != sorted(stores):
     raise ValueError(
-        f"Checkpoint {path} holds embedding tables {saved_tables} but the config"
+        f"Checkpoint {path} contains embedding tables {saved_tables} but the config"
         f" defines {sorted(stores)}; restore with the config the run was saved with.")
   for table, store in stores.items():
     store.restore(str(path / "embedding" / table))

@@ -215,9 +215,9 @@ class DenseTrainer:
       grad_params: parameters to take the gradient at; None means `state.params`.
 
     Returns:
-      (new_state, embedding_grads, metrics): embedding_grads maps each feature to
-      d(loss)/d(embedding) in the wire dtype, sharded like the batch; metrics holds
-      scalar `loss` and `dense_grad_norm`.
+      (new_state, embedding_grads, metrics). embedding_grads maps each feature to
+      d(loss)/d(embedding) in the wire dtype, sharded like the batch. metrics
+      contains the scalars `loss` and `dense_grad_norm`.
     """
     with jax.set_mesh(self.mesh):
       if grad_params is None:

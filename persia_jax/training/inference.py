@@ -1,6 +1,6 @@
 """Export a trained model and score new data with read-only embedding lookups.
 
-An export directory holds
+An export directory contains
 
   config.json       the training config (model, embedding tables, data schema),
   dense/            orbax: the dense parameters only,

@@ -15,18 +15,25 @@ from absl import logging
 from persia_jax.evaluation import plots as plots_lib
 from persia_jax.training import trainer as trainer_lib
 
-# Each study variant: a label and the config fields it sets on top of the base config.
-DEFAULT_VARIANTS = {
+# Each study variant: a label and the config fields it sets on top of the base
+# config, as dotted names like `--config.FIELD=VALUE` flags use.
+VARIANTS = {
     "sync": {"mode": "sync", "embedding_staleness": 0, "dense_staleness": 0},
     "hybrid": {"mode": "hybrid", "dense_staleness": 0},
     "async": {"mode": "async", "dense_staleness": 4},
+    "replay": {"mode": "hybrid", "dense_staleness": 0, "deterministic_replay": True},
+    "hybrid_bf16": {"mode": "hybrid", "dense_staleness": 0, "model.dtype": "bfloat16"},
+    "hybrid_fp16_wire": {"mode": "hybrid", "dense_staleness": 0,
+                         "embedding.wire_dtype": "float16"},
 }
+DEFAULT_VARIANTS = ("sync", "hybrid", "async")
 
 
 def variant_config(base: ml_collections.ConfigDict, overrides: dict[str, Any],
                    seed: int) -> ml_collections.ConfigDict:
+  """Returns a copy of `base` with dotted-name `overrides` and `seed` applied."""
   config = ml_collections.ConfigDict(base.to_dict())
-  config.update(overrides)
+  config.update_from_flattened_dict(overrides)
   config.seed = seed
   return config
 
@@ -44,8 +51,6 @@ def run_study(base: ml_collections.ConfigDict, *, variants: dict[str, dict[str, 
       summary = trainer_lib.train_and_evaluate(config, str(workdir))
       summary["variant"] = label
       summary["seed"] = seed
-      summary["samples_per_second"] = (
-          summary["steps"] * config.batch_size / summary["train_seconds"])
       summaries.append(summary)
   return summaries
 
@@ -67,10 +72,14 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]], reference: str = "sync") -> str:
-  """Formats aggregated rows; AUC and throughput are also given relative to `reference`."""
-  ref = next((r for r in rows if r["variant"] == reference), None)
+  """Formats aggregated rows, with AUC and throughput relative to `reference`.
+
+  Without a `reference` row, the first row is the reference.
+  """
+  ref = next((r for r in rows if r["variant"] == reference), rows[0] if rows else None)
+  ref_name = ref["variant"] if ref else reference
   lines = ["| variant | mode | tau | dense delay | seeds | test AUC | test logloss |"
-           " AUC vs sync | samples/s | throughput vs sync |",
+           f" AUC vs {ref_name} | samples/s | throughput vs {ref_name} |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     auc_delta = throughput_ratio = float("nan")

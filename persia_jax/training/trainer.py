@@ -19,8 +19,9 @@ Modes:
           most `embedding_staleness` earlier batches. Dense training stays
           synchronous.
   async   as hybrid, and the dense gradient of step t is taken at the dense
-          parameters of step t - dense_staleness (the paper's fully
-          asynchronous baseline, with a fixed delay).
+          parameters of step t - dense_staleness: the fully asynchronous
+          baseline of the PERSIA paper (Lian et al., KDD 2022), with a fixed
+          delay.
 With `deterministic_replay=True`, hybrid and async apply the gradients of batch
 t exactly before lookup(t + tau + 1), so runs are bit-reproducible.
 """
@@ -174,8 +175,8 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir) if workdir else None
 
-    # Stage 1: workdir and config. The config is written after stage 4, which
-    # fills in the feature list from the data schema.
+    # Stage 1: workdir. config.json is written in stage 4, once the feature
+    # list from the data schema is filled in.
     if self.workdir:
       self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -242,6 +243,9 @@ class Trainer:
     self.schedule.restore_pending(pending)
     self.staleness_log: list[int] = []
     self.train_seconds = 0.0
+    # Steps and seconds after the first log interval, which includes compilation.
+    self.steady_steps = 0
+    self.steady_seconds = 0.0
     self.timer = StageTimer()
     self.writer = None
     if self.workdir:
@@ -378,6 +382,7 @@ class Trainer:
     last_eval: dict[str, float] = {}
     loop_start = time.perf_counter()
     excluded = 0.0  # eval and checkpoint time, left out of train_seconds
+    steady_start = None  # (time, excluded, step) at the end of the first log interval
     iterator: Iterator[Batch] = iter(self.train_iter)
     exhausted = False
     while self.step < end_step:
@@ -396,6 +401,9 @@ class Trainer:
       if step % config.log_every_steps == 0 or step == end_step:
         self._log_train(step, losses, progress)
         losses = []
+        if steady_start is None:
+          jax.block_until_ready(self.state)
+          steady_start = (time.perf_counter(), excluded, step)
       periodic_start = time.perf_counter()
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end_step:
         last_eval = self._log_eval(step)
@@ -412,7 +420,11 @@ class Trainer:
       # repeatedly gives the same result as one uninterrupted call.
       self.schedule.flush()
     jax.block_until_ready(self.state)
-    self.train_seconds += time.perf_counter() - loop_start - excluded
+    now = time.perf_counter()
+    self.train_seconds += now - loop_start - excluded
+    if steady_start is not None and self.step > steady_start[2]:
+      self.steady_seconds += now - steady_start[0] - (excluded - steady_start[1])
+      self.steady_steps += self.step - steady_start[2]
     if losses:
       self._log_train(self.step, losses, progress)
     if not finished:
@@ -515,6 +527,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "steps": trainer.step,
       "wall_seconds": time.time() - start,
       "train_seconds": trainer.train_seconds,
+      # Throughput after the first log interval, which includes compilation.
+      "samples_per_second": (trainer.steady_steps * config.batch_size / trainer.steady_seconds
+                             if trainer.steady_seconds else float("nan")),
       **final,
       "embedding": {name: store.stats() for name, store in trainer.stores.items()},
       "workdir": str(workdir_path.resolve()),
