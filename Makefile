@@ -31,6 +31,7 @@ test: $(STAMP) lint
 compare: $(STAMP)
 	$(BIN)/python experiments/compare_modes.py --variants=sync,hybrid,async,replay
 	$(BIN)/python experiments/compare_modes.py --variants=hybrid,hybrid_bf16,hybrid_fp16_wire --name=precision
+	$(BIN)/python experiments/compare_modes.py --config=configs/criteo_lr.py --variants=sync --name=logistic
 
 benchmarks: $(STAMP)
 	$(BIN)/python experiments/benchmark_embedding.py

@@ -4,7 +4,9 @@ Run (from the repository root):
   python experiments/train.py --config=configs/criteo_dlrm.py --workdir=workdirs/criteo_dlrm
 
 Other modes:  --config.mode=sync   or   --config.mode=async --config.dense_staleness=4
-CPU smoke run: --config=configs/criteo_dlrm.py:runlocal
+Other models: --config=configs/criteo_dlrm.py:model=dcn_v2 (dnn, deepfm, wide_deep,
+              logistic), each with its default hyperparameters
+CPU smoke run: --config=configs/criteo_dlrm.py:runlocal (combine: :model=dnn,runlocal)
 
 The slice is the first 8,000 rows of Criteo's Kaggle `train.txt`: 6,400 train
 and 1,600 test rows in file order. Expected runtime and test AUC are listed in
@@ -17,8 +19,28 @@ from persia_jax import data as data_lib
 from persia_jax import models as models_lib
 
 
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """Parses "runlocal,model=dnn" into {"runlocal": "", "model": "dnn"}."""
+  options = {}
+  for item in (arg or "").split(","):
+    if item:
+      key, _, value = item.partition("=")
+      options[key.strip()] = value.strip()
+  unknown = sorted(set(options) - {"runlocal", "model"})
+  if unknown:
+    raise ValueError(f"Unknown config arguments {unknown} in {arg!r}; expected runlocal"
+                     " and/or model=NAME, separated by commas.")
+  return options
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config; `arg="runlocal"` shrinks it to a seconds-long smoke run."""
+  """Returns the config.
+
+  Args:
+    arg: comma-separated options: "runlocal" shrinks the run to a seconds-long
+      smoke run; "model=NAME" swaps in another model with its defaults.
+  """
+  options = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -59,14 +81,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # Dense towers.
-  config.model = models_lib.default_model_config("dlrm")
+  config.model = models_lib.default_model_config(options.get("model") or "dlrm")
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, warmup_steps=0, grad_clip_norm=0.0))
 
-  if arg == "runlocal":
+  if "runlocal" in options:
     config.num_train_steps = 20
     config.log_every_steps = 5
     config.eval_every_steps = 10
-  elif arg:
-    raise ValueError(f"Unknown config argument {arg!r}; expected 'runlocal' or nothing.")
+    if config.model.name == "dnn":
+      config.model.hidden_sizes = (256, 128)
   return config

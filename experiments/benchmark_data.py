@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import pathlib
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -48,6 +45,7 @@ if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from persia_jax import benchmarking  # noqa: E402
 from persia_jax.data import (adult_config, avazu_config, build_input,  # noqa: E402
                              criteo_config, libsvm_config, synthetic_config,
                              taobao_config)
@@ -126,7 +124,7 @@ def run_benchmark(quick: bool) -> dict:
   batch_size = _BATCH_SIZE.value
   min_rows = 30_000 if quick else _MIN_ROWS.value
   num_rows = 50_000 if quick else _ROWS.value
-  results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+  results = {"machine": benchmarking.describe_machine(),
              "batch_size": batch_size, "readers": []}
 
   def record(name, source, config, threads=None, note="", rows_per_batch=None):
@@ -215,8 +213,7 @@ def render_markdown(results: dict, command: str) -> str:
   lines = [
       f"## {SECTION_TITLE}",
       "",
-      f"Command: `{command}`. Machine: {results['machine']} (a 2-core x86_64 CPU VM when"
-      " run for these docs). Rows per second of full `build_input` iteration of the"
+      f"Command: `{command}`. Machine: {results['machine']}. Rows per second of full `build_input` iteration of the"
       f" train split (read, parse, hash, shuffle, batch of {results['batch_size']:,},"
       " prefetch). Each row is a single run, so timings vary between runs when other"
       " jobs share the machine.",
@@ -247,17 +244,6 @@ def render_markdown(results: dict, command: str) -> str:
   return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-  """Replaces the "## Data pipeline" section of `text` (to the next "## ") or appends it."""
-  pattern = re.compile(rf"^## {re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)",
-                       re.MULTILINE | re.DOTALL)
-  if pattern.search(text):
-    return pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
-  if not text.strip():
-    text = "# Benchmarks\n\nMeasured numbers of persia_jax, each with the command and machine.\n"
-  return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-
-
 def main(argv):
   del argv
   command = ".venv/bin/python experiments/benchmark_data.py" + (" --quick" if _QUICK.value else "")
@@ -275,11 +261,8 @@ def main(argv):
   section = render_markdown(results, command)
   print(section)
   if _DOCS_PATH.value:
-    docs = pathlib.Path(_DOCS_PATH.value)
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    existing = docs.read_text() if docs.exists() else ""
-    docs.write_text(replace_section(existing, section))
-    logging.info("Updated the %r section of %s.", SECTION_TITLE, docs)
+    benchmarking.update_docs_section(_DOCS_PATH.value, SECTION_TITLE, section)
+    logging.info("Updated the %r section of %s.", SECTION_TITLE, _DOCS_PATH.value)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Batches hold 65,536 IDs drawn Zipf(1.1) (truncated to the table size) or
 uniformly; Zipf ranks are scattered over the ID space by a multiplicative
 bijection, as hashed IDs are in practice.
 
-Run (full, about 4 minutes on a 2-core x86_64 VM):
+Run (full, about 1.5-2 minutes on a 2-core x86_64 VM):
 
   .venv/bin/python experiments/benchmark_embedding.py
 
@@ -24,6 +24,7 @@ Smoke run on small tables:
 
 Writes `embedding_store.json` (or `embedding_store_quick.json`) to
 `--output_dir` and replaces the "Embedding store" section of `--docs_path`.
+`--render_from=PATH.json` rewrites that section from an earlier run's JSON.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ import json
 import math
 import os
 import pathlib
-import platform
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -53,6 +51,7 @@ if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from persia_jax import benchmarking  # noqa: E402
 from persia_jax.data.batch import SparseInput  # noqa: E402
 from persia_jax.embedding import memory  # noqa: E402
 from persia_jax.embedding import pooling  # noqa: E402
@@ -64,6 +63,10 @@ from persia_jax.embedding.worker import EmbeddingWorker  # noqa: E402
 _QUICK = flags.DEFINE_bool("quick", False, "Shrink tables and batches for a smoke run.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", "benchmarks/results", "Directory for the JSON results.")
+_RENDER_FROM = flags.DEFINE_string(
+    "render_from", "",
+    "Path of a JSON file written by an earlier run; if set, only rewrites the docs"
+    " section from it without measuring.")
 _DOCS_PATH = flags.DEFINE_string(
     "docs_path", "docs/benchmarks.md",
     "Markdown file whose 'Embedding store' section is replaced; empty to skip.")
@@ -105,10 +108,13 @@ QUICK_CONFIG = BenchmarkConfig(tables=((20_000, 16), (5_000, 64)), batch_size=20
                                batches_per_thread=2, repeats=1)
 
 
-# Reference kernels over a plain float32 [rows, dim] array.
+# Reference kernels over a plain float32 [rows, dim] array. They are compiled
+# without `cache=True`: after the test imports this file as a module, a script
+# run that loads those cached kernels imports the module again and absl then
+# rejects the second definition of the flags.
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def reference_gather(table, rows, out):
   for i in range(rows.shape[0]):
     source = table[rows[i]]
@@ -117,7 +123,7 @@ def reference_gather(table, rows, out):
       target[d] = source[d]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def reference_scatter_add(table, rows, grads):
   # Two threads on one table race on shared rows; the timing is still the
   # memory-bound cost of the access pattern, which is all it is used for.
@@ -440,17 +446,7 @@ def evaluate_targets(tables: list[dict]) -> list[dict]:
 
 
 def machine_info() -> dict:
-  model = platform.processor() or platform.machine()
-  try:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"^Model name:\s*(.+)$", lscpu, re.MULTILINE)
-    if match:
-      model = match.group(1).strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return {"cpu": model, "cores": os.cpu_count(), "machine": platform.machine(),
-          "python": platform.python_version(), "numpy": np.__version__,
-          "numba": numba.__version__}
+  return {**benchmarking.machine_info(), "numba": numba.__version__}
 
 
 def run_benchmark(config: BenchmarkConfig, seed: int = 0) -> dict:
@@ -589,9 +585,9 @@ def _findings(results: dict) -> list[str]:
     lines += [
         f"- {name}: store lookups reach {min(lookup):.2f}-{max(lookup):.2f}x of the"
         " reference gather with 1 thread. The reference reads one row per ID; the"
-        " store first probes a hash map (another random access per ID) and, in"
-        " training lookups, also moves the row to the head of its shard's LRU list."
-        f" Eval lookups, which skip the LRU and admission work, run at"
+        " store first probes a hash map (another random access per ID), and"
+        " training lookups also record recency and admission state."
+        f" Eval lookups, which skip that bookkeeping, run at"
         f" {min(eval_speedup):.1f}-{max(eval_speedup):.1f}x the speed of training lookups.",
         f"- {name}: pooled lookups through the worker run at"
         f" {min(pooled):.1f}-{max(pooled):.1f}x the speed of plain store lookups of the"
@@ -610,39 +606,29 @@ def _findings(results: dict) -> list[str]:
   return lines
 
 
-def replace_section(text: str, section: str) -> str:
-  """Replaces the "## Embedding store" section of `text` (to the next "## ") or appends it."""
-  pattern = re.compile(rf"^## {re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)",
-                       re.MULTILINE | re.DOTALL)
-  if pattern.search(text):
-    return pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
-  if not text.strip():
-    text = "# Benchmarks\n\nMeasured numbers of persia_jax, each with the command and machine.\n"
-  return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-
-
 def main(argv):
   del argv
-  config = QUICK_CONFIG if _QUICK.value else BenchmarkConfig()
-  command = ".venv/bin/python experiments/benchmark_embedding.py" + (
-      " --quick" if _QUICK.value else "")
-  results = run_benchmark(config)
-  results["command"] = command
+  if _RENDER_FROM.value:
+    results = json.loads(pathlib.Path(_RENDER_FROM.value).read_text())
+    command = results["command"]
+  else:
+    config = QUICK_CONFIG if _QUICK.value else BenchmarkConfig()
+    command = ".venv/bin/python experiments/benchmark_embedding.py" + (
+        " --quick" if _QUICK.value else "")
+    results = run_benchmark(config)
+    results["command"] = command
 
-  output_dir = pathlib.Path(_OUTPUT_DIR.value)
-  output_dir.mkdir(parents=True, exist_ok=True)
-  name = "embedding_store_quick.json" if _QUICK.value else "embedding_store.json"
-  (output_dir / name).write_text(json.dumps(results, indent=2) + "\n")
-  logging.info("Wrote %s.", output_dir / name)
+    output_dir = pathlib.Path(_OUTPUT_DIR.value)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = "embedding_store_quick.json" if _QUICK.value else "embedding_store.json"
+    (output_dir / name).write_text(json.dumps(results, indent=2) + "\n")
+    logging.info("Wrote %s.", output_dir / name)
 
   section = render_markdown(results, command)
   print(section)
   if _DOCS_PATH.value:
-    docs = pathlib.Path(_DOCS_PATH.value)
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    existing = docs.read_text() if docs.exists() else ""
-    docs.write_text(replace_section(existing, section))
-    logging.info("Updated the %r section of %s.", SECTION_TITLE, docs)
+    benchmarking.update_docs_section(_DOCS_PATH.value, SECTION_TITLE, section)
+    logging.info("Updated the %r section of %s.", SECTION_TITLE, _DOCS_PATH.value)
 
 
 if __name__ == "__main__":

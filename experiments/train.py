@@ -9,6 +9,7 @@ the workdir's latest checkpoint automatically.
 """
 
 import os
+import signal
 import sys
 
 from absl import app
@@ -27,11 +28,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _interrupt_on_sigterm(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   trainer.quiet_library_logs()
-  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # `kill` stops the run like Ctrl-C does: status.json says "interrupted".
+  signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+  try:
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except KeyboardInterrupt:
+    logging.warning("Interrupted. Rerun the same command to resume from the latest"
+                    " checkpoint in %s (if config.checkpoint_every_steps > 0).", _WORKDIR.value)
+    sys.exit(130)
   logging.info("Summary: %s", summary)
   print(f"Mode {summary['mode']}: test AUC {summary.get('eval_auc', float('nan')):.4f},"
         f" test logloss {summary.get('eval_logloss', float('nan')):.4f}"

@@ -49,6 +49,15 @@ def test_quick_run_writes_json_and_docs(tmp_path):
   assert "## Other\n\nkept" in text
   assert text.count("## Embedding store") == 1
 
+  docs.write_text("# Benchmarks\n")
+  subprocess.run(
+      [sys.executable, str(SCRIPT),
+       f"--render_from={tmp_path / 'embedding_store_quick.json'}", f"--docs_path={docs}"],
+      check=True, cwd=REPO_ROOT, capture_output=True, timeout=600)
+  rendered = docs.read_text()
+  section = text[text.index("## Embedding store"):text.index("## Other")].rstrip("\n")
+  assert rendered == "# Benchmarks\n\n" + section + "\n"
+
 
 def test_zipf_ids_stay_in_table():
   module = _load_module()
@@ -58,10 +67,3 @@ def test_zipf_ids_stay_in_table():
   assert ids.max() < 1000
   # A bijection of ranks: the most frequent ID is rank 0, mapped to 0.
   assert np.bincount(ids).argmax() == 0
-
-
-def test_replace_section_appends_to_empty_docs():
-  module = _load_module()
-  text = module.replace_section("", "## Embedding store\n\nnew\n")
-  assert text.startswith("# Benchmarks")
-  assert text.endswith("## Embedding store\n\nnew\n")

@@ -80,7 +80,7 @@ def test_pool_keeps_buffer_during_dispatched_computation():
   def slow(value):
     def body(_, carry):
       return jnp.tanh(carry @ carry * 1e-3)
-    return jax.lax.fori_loop(0, 200, body, value)
+    return jax.lax.fori_loop(0, 400, body, value)
 
   slow(array).block_until_ready()  # Compile first.
   result = slow(array)

@@ -85,3 +85,28 @@ def test_predict_script_writes_one_line_per_row(exported, tmp_path):
 def test_missing_export_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match="export.json is missing"):
     inference.Predictor(tmp_path)
+
+
+def test_unlabelled_rows_score_like_labelled(exported, tmp_path):
+  export_dir, _ = exported
+  lines = CRITEO_SLICE.read_text().splitlines()[:40]
+  labelled = _write_rows(tmp_path / "labelled.txt", [line + "\n" for line in lines])
+  unlabelled = _write_rows(tmp_path / "unlabelled.txt",
+                           [line.split("\t", 1)[1] + "\n" for line in lines])
+  predictor = inference.Predictor(export_dir, batch_size=128)
+  inference.predict_file(predictor, str(labelled), str(tmp_path / "a.txt"))
+  count = inference.predict_file(predictor, str(unlabelled), str(tmp_path / "b.txt"),
+                                 labelled=False)
+  assert count == 40
+  np.testing.assert_array_equal(np.loadtxt(tmp_path / "a.txt"), np.loadtxt(tmp_path / "b.txt"))
+
+
+def test_malformed_row_stops_prediction(exported, tmp_path):
+  export_dir, _ = exported
+  lines = CRITEO_SLICE.read_text().splitlines(keepends=True)[:10]
+  lines[4] = "2" + lines[4][1:]
+  input_path = _write_rows(tmp_path / "bad.txt", lines)
+  predictor = inference.Predictor(export_dir, batch_size=128)
+  with pytest.raises(data_lib.DataError, match="line 5, column 'label'"):
+    inference.predict_file(predictor, str(input_path), str(tmp_path / "out.txt"))
+  assert not (tmp_path / "out.txt").exists()

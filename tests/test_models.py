@@ -23,6 +23,7 @@ TINY_CONFIGS = {
     "dcn_v2": {"num_cross_layers": 2, "deep_mlp_sizes": (8,)},
     "deepfm": {"deep_mlp_sizes": (8,)},
     "wide_deep": {"deep_mlp_sizes": (8,)},
+    "logistic": {},
 }
 
 
@@ -135,12 +136,18 @@ def np_wide_deep(p, dense, embeddings):
   return np_dense(x, p["wide"])[:, 0] + np_logit(np_mlp(x, p["deep_mlp"], 1), p)
 
 
+def np_logistic(p, dense, embeddings):
+  ids_term = sum(embeddings[k].sum(axis=1) for k in sorted(embeddings))
+  return ids_term + np_dense(dense, p["dense"])[:, 0]
+
+
 NUMPY_REFERENCES = {
     "dnn": np_dnn,
     "dlrm": np_dlrm,
     "dcn_v2": np_dcn,
     "deepfm": np_deepfm,
     "wide_deep": np_wide_deep,
+    "logistic": np_logistic,
 }
 
 
@@ -211,6 +218,7 @@ EXPECTED_SHAPES = {
         "deep_mlp/dense_0/kernel": (15, 8), "deep_mlp/dense_0/bias": (8,),
         "logit/dense/kernel": (8, 1), "logit/dense/bias": (1,),
     },
+    "logistic": {"dense/kernel": (3, 1), "dense/bias": (1,)},
 }
 
 

@@ -134,9 +134,10 @@ def test_end_to_end_criteo_slice(tmp_path):
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["train_loss"] for r in records if "train_loss" in r]
   assert losses[-1] < losses[0]
-  # Measured on this slice: about 0.70 for this config (see README). 0.62
-  # leaves room for seed and thread-timing noise and is far above chance.
-  assert summary["eval_auc"] > 0.62
+  # Measured for this config on 4 CPU devices: 0.721, 0.730 and 0.732 for seeds
+  # 0, 1 and 2. The bound leaves room for thread-timing noise and is still 0.15
+  # above chance.
+  assert summary["eval_auc"] > 0.65
   for name in ("config.json", "metrics.jsonl", "summary.json", "eval_auc.png", "status.json"):
     assert (tmp_path / name).is_file(), name
   assert json.load(open(tmp_path / "status.json"))["status"] == "done"

@@ -357,8 +357,11 @@ def parse_rows(schema: Schema, spans: dict[str, Spans], num_rows: int, *,
 
   # Label.
   label = schema.label
-  buf, starts, ends = spans[label.column]
-  if label.positive_values:
+  if not label.column:
+    # Unlabelled data, for example rows to score: every label reads as 0.
+    labels = np.zeros(num_rows, np.float32)
+  elif label.positive_values:
+    buf, starts, ends = spans[label.column]
     ids = hashing.hash_spans(label.column, buf, starts, ends)
     positive = np.isin(ids, [hashing.feature_id(label.column, v) for v in label.positive_values])
     negative = np.isin(ids, [hashing.feature_id(label.column, v) for v in label.negative_values])
@@ -367,7 +370,7 @@ def parse_rows(schema: Schema, spans: dict[str, Spans], num_rows: int, *,
     detail[INVALID_LABEL] = (f"expected one of {list(label.positive_values)} (label 1) or"
                              f" {list(label.negative_values)} (label 0)")
   else:
-    values, status = parse_floats(buf, starts, ends)
+    values, status = parse_floats(*spans[label.column])
     mark((status != 0) | ((values != 0.0) & (values != 1.0)), INVALID_LABEL, label.column)
     labels = values.astype(np.float32)
     detail[INVALID_LABEL] = "a label must be 0 or 1"

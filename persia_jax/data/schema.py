@@ -71,7 +71,7 @@ class DenseColumn:
 
 @dataclasses.dataclass(frozen=True)
 class LabelColumn:
-  """The label column.
+  """The label column; an empty `column` means unlabelled data (labels read as 0).
 
   With `positive_values` unset the field must parse as the number 0 or 1.
   Otherwise the field text must be one of `positive_values` (label 1) or
@@ -109,7 +109,7 @@ class Schema:
 
   def source_columns(self) -> list[str]:
     """Returns the distinct file columns the schema reads, label first."""
-    columns = [self.label.column]
+    columns = [self.label.column] if self.label.column else []
     for feature in (*self.dense, *self.sparse):
       if feature.column not in columns:
         columns.append(feature.column)
@@ -136,7 +136,7 @@ def schema_from_config(data_config: Any) -> Schema:
   """
   label_config = data_config.label
   label = LabelColumn(
-      column=str(_get(label_config, "column")),
+      column=str(_get(label_config, "column") or ""),
       positive_values=tuple(_get(label_config, "positive_values") or ()),
       negative_values=tuple(_get(label_config, "negative_values") or ()))
   if bool(label.positive_values) != bool(label.negative_values):

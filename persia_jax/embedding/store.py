@@ -4,12 +4,15 @@ An `EmbeddingStore` stores the rows of one embedding table keyed by uint64 IDs,
 trains them with a sparse optimizer and implements `EmbeddingStoreAPI`
 (api.py). Every uint64 value is a valid ID, 0 and 2**64 - 1 included.
 
-Routing. An ID lives in shard `splitmix64(id) % num_shards`, computed with
-vectorized numpy. A call groups its IDs by shard with a stable argsort, so the
+Routing. An ID lives in shard `splitmix64(id) % num_shards`. A call groups its
+IDs by shard with one compiled O(n) counting sort (`kernels.route`), so the
 IDs of a shard keep their arrival order, and runs one compiled kernel per shard
 while holding that shard's `threading.Lock`. The kernels (kernels.py) are numba
 `nogil` functions, so calls from several threads run in parallel on different
-shards. With `num_threads > 1` the shards of one call also run in a pool.
+shards. A call takes its shards in the order their locks come free (it skips
+a shard another call holds and comes back to it), so concurrent calls do not
+queue behind each other shard by shard. With `num_threads > 1` the shards of
+one call also run in a pool.
 
 Map. Each shard maps IDs to row slots with an open-addressing table of int32
 row slots: linear probing, backward-shift deletion (no tombstones), home slot
@@ -18,18 +21,29 @@ A table slot is free when it contains -1, so occupancy never depends on the key.
 The table is kept at most 75% full.
 
 Memory. Per shard, keys (uint64 [A]), rows (float32 [A, dim]), optimizer state
-(float32 [A, slot_width]) and the LRU links (int32 [A, 2]) are 64-byte aligned
-arrays from `memory.aligned_empty`, indexed by the same row slot. They grow by
-reallocation, by at least 1.25x (so at most 20% of a growing shard's slots are
-unused), up to the shard capacity, so a full table allocates exactly
-`capacity` slots. The index adds 8 (key) + 8 (links) + 4 / 0.75
-(table) = 21.3 bytes per row to the 4 * (dim + slot_width) bytes of row and
-state, plus 4 KiB per shard of distinct-ID registers; `bytes_per_row()` reports
-the measured total. A store without a capacity never evicts, so it keeps no
-LRU links and its index costs 13.3 bytes per row. With eviction, the key and
-the two links alone cost 16 bytes, so 1.25x of row and state is reachable only
-for rows of 86 bytes or more (for example dim >= 22 with SGD, dim >= 11 with
-Adagrad).
+(float32 [A, slot_width]) and the recency stamps (int64 [A]) are 64-byte
+aligned arrays from `memory.aligned_empty`, indexed by the same row slot. They
+grow by reallocation, by at least 1.25x (so at most 20% of a growing shard's
+slots are unused), up to the shard capacity, so a full table allocates exactly
+`capacity` slots. The index adds 8 (key) + 8 (stamp) + 4 / 0.75 (table) +
+0.25 (eviction candidates, int32 for 1/16 of the capacity) = 21.6 bytes per
+row to the 4 * (dim + slot_width) bytes of row and state, plus 4 KiB per shard
+of distinct-ID registers; `bytes_per_row()` reports the measured total. A
+store without a capacity never evicts, so it keeps no stamps and its index
+costs 13.3 bytes per row. With eviction, the key and the stamp alone cost 16
+bytes, so 1.25x of row and state is reachable only for rows of 87 bytes or
+more (for example dim >= 22 with SGD, dim >= 11 with Adagrad).
+
+Speed. A lookup of an ID reads three random cache lines: the table slot, the
+key and the row. A training lookup also writes the row's stamp, a fourth. The
+row slot comes from the table, so these misses form a chain. The kernels
+therefore compute all home slots first, then prefetch the table slot of the ID
+`kernels.PREFETCH_DISTANCE` positions ahead and the key, row and stamp of the
+ID half as far ahead, so the misses of many IDs overlap. Work that is not
+configured stays off the per-ID path: no stamps without a capacity, no
+count-min sketch unless `admission_min_count > 1`, no insert-candidate pass
+once a shard's arrays are at its capacity, and the distinct-ID hash only on
+misses (see Counters).
 
 Initial values. Column c of a new row is `(2u - 1) * init_scale`, where u in
 [0, 1) is the top 24 bits of the c-th output of a SplitMix64 stream started at
@@ -38,11 +52,15 @@ count, capacity or arrival order; `initial_values(ids)` returns it.
 
 Eviction. The `capacity` rows of a store are split evenly over the shards (the
 first `capacity % num_shards` shards get one more), and a shard that is full
-evicts its least recently used row. Recency is exact: an intrusive doubly
-linked list, O(1) per touch. Training lookups refresh recency; gradient
-updates and `train=False` lookups do not. Because routing is random, shards
-fill unevenly, so a store may start evicting slightly before it holds
-`capacity` rows.
+evicts its least recently used row. Recency is exact. A touch stores the
+shard's next clock value as the row's stamp: one store, where a doubly linked
+list also rewrites two random neighbour rows. Eviction takes the row with the
+smallest stamp from a buffer of the rows with the smallest stamps, refilled by
+an O(rows) selection once per min(capacity / 16, 2**20) evictions, so about 16
+stamp reads per eviction; kernels._next_victim explains why this is exact.
+Training lookups refresh recency; gradient updates and `train=False` lookups
+do not. Because routing is random, shards fill unevenly, so a store may start
+evicting slightly before it contains `capacity` rows.
 
 Admission. A training lookup of an absent ID first checks admission: the ID
 passes with probability `admission_probability`, decided by a hash of (seed,
@@ -79,9 +97,18 @@ learning_rate, eps = epsilon, state starts at 0 unless stated):
                     w = -(z - sign(z) l1) / ((ftrl_beta + n^p) / lr + l2)
 
 With `weight_bound > 0` every weight of an updated row is then clipped to
-[-weight_bound, weight_bound]. The kernels compute in float64 per element and
-store float32; Adam's step count t is a float32 state value, exact up to
-2**24 updates of a row.
+[-weight_bound, weight_bound]. The per-element math is float32, the dtype of
+rows and state (as in FBGEMM's fused optimizers), written so that LLVM
+vectorizes it over the row: no branch inside the loop over columns (the
+FTRL threshold is a max, the non-finite test an integer max over the
+exponent bits), numpy division semantics instead of a zero test per
+division, and only the FMA-contraction and sign-of-zero fastmath flags.
+Per-row scalars that float32 would round badly stay float64: Adam's bias
+corrections 1 - b^t and row-wise Adagrad's mean of g^2. FTRL with p = 0.5
+computes n'^p - n^p as g^2 / (sqrt(n') + sqrt(n)), which avoids the float32
+cancellation of the difference. Adam's step count t is a float32 state
+value, exact up to 2**24 updates of a row. The results match a float64 numpy
+reference to rtol 1e-5, atol 1e-6 (tests/test_sparse_optimizers.py).
 
 Counters. `stats()` returns hits, misses, inserts, evictions,
 rejected_admissions, absent_gradients, nonfinite_gradients, updated_rows,
@@ -92,7 +119,10 @@ and `updated_rows` count unique rows. `distinct_ids_seen` is a HyperLogLog
 estimate (4096 registers per shard, merged by maximum; 1.6% standard error;
 exact for a few dozen IDs unless two share a register) of the distinct IDs of
 training lookups, because an exact count would need memory for every ID ever
-seen.
+seen. Every ID that misses is added, and a stored row's ID was added when it
+missed (or came with the registers of a checkpoint), so hits are skipped:
+adding an ID twice changes nothing. After `import_rows` without registers,
+hits are added again for that store.
 
 Checkpoints. `save(path)` writes, per shard, the keys, rows and optimizer state
 (least recently used first) as TensorStore zarr arrays, plus the distinct-ID
@@ -167,10 +197,19 @@ class _Shard:
     self.capacity = capacity
     self.track_recency = track_recency
     self.meta = np.zeros(kernels.META_SIZE, np.int64)
-    self.meta[kernels.META_HEAD] = self.meta[kernels.META_TAIL] = -1
+    # Eviction candidates (see kernels._next_victim): refilled by an O(used)
+    # selection once per len(candidates) evictions, so 1/16 of the capacity
+    # (at most 1 M rows, 4 MiB) keeps that cost near 16 stamp reads per
+    # eviction for about 0.25 bytes per row.
+    self.candidates = memory.aligned_empty(
+        (min(max(16, capacity // 16), 1 << 20) if track_recency else 0,), np.int32)
     self.counters = np.zeros(kernels.NUM_COUNTERS, np.int64)
     self.distinct = np.zeros(kernels.DISTINCT_REGISTERS, np.uint8)
     self.sketch = np.zeros((2, sketch_width), np.uint8)
+    # Whether the ID of every stored row is in `distinct`. Training lookups
+    # add every ID that misses, so this is true unless rows were imported
+    # without registers. While it is true, hits skip the distinct-ID hash.
+    self.distinct_covers_rows = True
     self._allocate(0)
 
   @property
@@ -186,14 +225,14 @@ class _Shard:
     keys = memory.aligned_empty(rows, np.uint64)
     values = memory.aligned_empty((rows, self.dim), np.float32)
     state = memory.aligned_empty((rows, self.slot_width), np.float32)
-    links = memory.aligned_empty((rows if self.track_recency else 0, 2), np.int32)
+    stamps = memory.aligned_empty(rows if self.track_recency else 0, np.int64)
     if used:
       keys[:used] = self.keys[:used]
       values[:used] = self.rows[:used]
       state[:used] = self.state[:used]
       if self.track_recency:
-        links[:used] = self.links[:used]
-    self.keys, self.rows, self.state, self.links = keys, values, state, links
+        stamps[:used] = self.stamps[:used]
+    self.keys, self.rows, self.state, self.stamps = keys, values, state, stamps
     # At least one free slot ends every probe; the load stays <= MAX_LOAD.
     table_size = max(rows + 1, math.ceil(rows / kernels.MAX_LOAD))
     self.table = memory.aligned_empty(table_size, np.int32)
@@ -216,8 +255,17 @@ class _Shard:
     grown = max(needed, int(_GROWTH * self.allocated), _MIN_ALLOCATION)
     self._allocate(min(self.capacity, grown))
 
+  @property
+  def links(self) -> np.ndarray:
+    """The recency stamps as int32 pairs ([A, 2], empty without recency).
+
+    Kept for code written against the former doubly linked LRU list, which
+    had this shape and size; use `stamps`.
+    """
+    return self.stamps.view(np.int32).reshape(-1, 2)
+
   def nbytes(self) -> int:
-    arrays = (self.keys, self.rows, self.state, self.links, self.table,
+    arrays = (self.keys, self.rows, self.state, self.stamps, self.candidates, self.table,
               self.meta, self.counters, self.distinct, self.sketch)
     return sum(a.nbytes for a in arrays)
 
@@ -360,39 +408,57 @@ class EmbeddingStore:
 
   def _for_each_shard(self, routes: list[tuple[int, np.ndarray]],
                       work: Callable[[_Shard, np.ndarray], None]) -> None:
-    """Runs `work(shard, positions)` for every routed shard.
+    """Runs `work(shard, positions)` for every routed shard, holding its lock.
 
-    With `num_threads > 1` the shards after the first go to the thread pool and
-    the first runs in the calling thread. All tasks finish before this returns
-    (so no kernel writes an output buffer afterwards), then the first error, if
-    any, is raised in the caller.
+    In the calling thread, shards are taken in the order their locks come
+    free: a shard whose lock another call holds is skipped and revisited, and
+    only when every remaining shard is busy does the thread wait (on the first
+    one). So two threads that work on different batches rarely wait for each
+    other, instead of queueing behind one another shard by shard. With
+    `num_threads > 1` the shards after the first go to the thread pool and the
+    first runs in the calling thread. All tasks finish before this returns (so
+    no kernel writes an output buffer afterwards), then the first error, if
+    any, is raised in the caller. At most one shard lock is held at a time.
     """
     if self._executor is None or len(routes) <= 1:
-      for s, positions in routes:
-        work(self._shards[s], positions)
+      self._run_when_free(routes, work)
       return
-    futures = [self._executor.submit(work, self._shards[s], positions)
-               for s, positions in routes[1:]]
+    futures = [self._executor.submit(self._run_when_free, [route], work)
+               for route in routes[1:]]
     try:
-      s, positions = routes[0]
-      work(self._shards[s], positions)
+      self._run_when_free(routes[:1], work)
     finally:
       concurrent.futures.wait(futures)
     for future in futures:
       future.result()
 
+  def _run_when_free(self, routes: list[tuple[int, np.ndarray]],
+                     work: Callable[[_Shard, np.ndarray], None]) -> None:
+    pending = list(routes)
+    while pending:
+      chosen = None
+      for index, (s, _) in enumerate(pending):
+        if self._shards[s].lock.acquire(blocking=False):
+          chosen = index
+          break
+      if chosen is None:
+        chosen = 0
+        self._shards[pending[0][0]].lock.acquire()
+      s, positions = pending.pop(chosen)
+      shard = self._shards[s]
+      try:
+        work(shard, positions)
+      finally:
+        shard.lock.release()
+
   def _route(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """Returns (shard, int64 positions into ids) for every shard with IDs."""
     if self.num_shards == 1:
       return [(0, np.arange(ids.shape[0], dtype=np.int64))] if ids.shape[0] else []
-    shard = self.shard_of(ids)
-    # A stable sort keeps arrival order within a shard, which fixes the order
-    # duplicate gradients are summed in and the order of LRU touches.
-    order = np.argsort(shard.astype(np.uint16 if self.num_shards < 2**16 else np.int64),
-                       kind="stable")
-    bounds = np.zeros(self.num_shards + 1, np.int64)
-    np.cumsum(np.bincount(shard, minlength=self.num_shards), out=bounds[1:])
-    return [(s, order[bounds[s]:bounds[s + 1]]) for s in range(self.num_shards)
+    # One O(n) counting sort. Positions keep arrival order within a shard,
+    # which fixes the order of duplicate gradient sums and of LRU touches.
+    positions, bounds = kernels.route(ids, self.num_shards)
+    return [(s, positions[bounds[s]:bounds[s + 1]]) for s in range(self.num_shards)
             if bounds[s + 1] > bounds[s]]
 
   # --------------------------------------------------------------------------
@@ -432,27 +498,32 @@ class EmbeddingStore:
     else:
       out = self._check_out(out, n)
     def gather(shard: _Shard, positions: np.ndarray) -> None:
-      with shard.lock:
-        if train:
-          extra = positions.shape[0]
-          if shard.used + extra > shard.allocated:
-            # Grow only for the IDs that may be inserted, not for the hits.
-            extra = kernels.count_insert_candidates(
-                ids, positions, shard.keys, shard.table, self._admission_key,
-                self._admission_threshold)
-          shard.reserve(extra)
-          kernels.lookup_train(
-              ids, positions, out, shard.keys, shard.rows, shard.state,
-              self._state_init, shard.links, shard.table, shard.meta,
-              shard.counters, shard.capacity, self._seed_key, self.init_scale,
-              self._admission_key, self._admission_threshold,
-              self.admission_min_count, shard.sketch, self._sketch_key,
-              self._sketch_period, shard.distinct, self._distinct_key)
-        else:
-          kernels.lookup_eval(
-              ids, positions, out, shard.keys, shard.rows, shard.table,
-              shard.counters, self._seed_key, self.init_scale,
-              self.unknown_id == "zeros")
+      # Called with the shard's lock held (see _for_each_shard).
+      if train:
+        extra = positions.shape[0]
+        # A shard that evicts and whose arrays are already at its capacity
+        # can neither grow nor overflow, so it skips the counting pass, which
+        # would probe every ID a second time.
+        at_capacity = shard.track_recency and shard.allocated == shard.capacity
+        if not at_capacity and shard.used + extra > shard.allocated:
+          # Grow only for the IDs that may be inserted, not for the hits.
+          extra = kernels.count_insert_candidates(
+              ids, positions, shard.keys, shard.table, self._admission_key,
+              self._admission_threshold)
+        shard.reserve(extra)
+        kernels.lookup_train(
+            ids, positions, out, shard.keys, shard.rows, shard.state,
+            self._state_init, shard.stamps, shard.candidates, shard.table, shard.meta,
+            shard.counters, shard.capacity, self._seed_key, self.init_scale,
+            self._admission_key, self._admission_threshold,
+            self.admission_min_count, shard.sketch, self._sketch_key,
+            self._sketch_period, shard.distinct, self._distinct_key,
+            not shard.distinct_covers_rows)
+      else:
+        kernels.lookup_eval(
+            ids, positions, out, shard.keys, shard.rows, shard.table,
+            shard.counters, self._seed_key, self.init_scale,
+            self.unknown_id == "zeros")
 
     self._for_each_shard(self._route(ids), gather)
     return out
@@ -485,10 +556,10 @@ class EmbeddingStore:
     grads = np.ascontiguousarray(grads, dtype=np.float32)
 
     def update(shard: _Shard, positions: np.ndarray) -> None:
-      with shard.lock:
-        kernels.apply_gradients(
-            ids, positions, grads, shard.keys, shard.rows, shard.state, shard.table,
-            shard.counters, self._code, self._hyperparameters)
+      # Called with the shard's lock held (see _for_each_shard).
+      kernels.apply_gradients(
+          ids, positions, grads, shard.keys, shard.rows, shard.state, shard.table,
+          shard.counters, self._code, self._hyperparameters)
 
     self._for_each_shard(self._route(ids), update)
 
@@ -532,7 +603,7 @@ class EmbeddingStore:
     return 4 * (self.dim + self._slot_width)
 
   def bytes_per_row(self) -> float:
-    """Returns all allocated bytes (rows, state, keys, links, table, sketches) per stored row.
+    """Returns all allocated bytes (rows, state, keys, stamps, table, sketches) per stored row.
 
     Compare with `theoretical_bytes_per_row()`; NaN for an empty store.
     """
@@ -617,7 +688,7 @@ class EmbeddingStore:
     exported = []
     with self._all_locks():
       for shard in self._shards:
-        order = kernels.lru_order(shard.links, shard.meta)
+        order = kernels.lru_order(shard.stamps, shard.meta)
         exported.append({"keys": shard.keys[order], "rows": shard.rows[order],
                           "state": shard.state[order]})
     return exported
@@ -656,7 +727,8 @@ class EmbeddingStore:
         shard = fresh[s]
         shard.reserve(positions.shape[0])
         kernels.insert_rows(keys[positions], rows[positions], state[positions],
-                            shard.keys, shard.rows, shard.state, shard.links,
+                            shard.keys, shard.rows, shard.state, shard.stamps,
+                            shard.candidates,
                             shard.table, shard.meta, shard.capacity, shard.counters)
       for shard in fresh:
         shard.counters[:] = 0
@@ -665,6 +737,9 @@ class EmbeddingStore:
           fresh[0].counters[index] = int(counters.get(counter_name, 0))
       if distinct_registers is not None:
         fresh[0].distinct[:] = distinct_registers
+      else:
+        for shard in fresh:
+          shard.distinct_covers_rows = shard.used == 0
       # Swap array contents into the existing shard objects so their locks,
       # which other threads may be waiting on, stay the same.
       for old, new in zip(self._shards, fresh):

@@ -124,8 +124,12 @@ class JsonlWriter(MetricWriter):
         if step is None or step <= resume_step:
           kept.append((number, line))
       if len(kept) < len(numbered):
-        logging.info("Dropped %d rows of %s with step > %d, the step this run resumes from.",
-                     len(numbered) - len(kept), self.path, resume_step)
+        if resume_step:
+          logging.info("Dropped %d rows of %s with step > %d, the step this run resumes"
+                       " from.", len(numbered) - len(kept), self.path, resume_step)
+        else:
+          logging.warning("Dropped %d rows of %s left by an earlier run: this run starts"
+                          " from step 0.", len(numbered) - len(kept), self.path)
         numbered = kept
         changed = True
     if changed:

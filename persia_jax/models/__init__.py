@@ -22,6 +22,7 @@ from persia_jax.models import deepfm
 from persia_jax.models import dlrm
 from persia_jax.models import dnn
 from persia_jax.models import layers
+from persia_jax.models import logistic
 from persia_jax.models import losses  # noqa: F401  (re-exported)
 from persia_jax.models import wide_deep
 
@@ -32,6 +33,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Callable[[], ml_collections.ConfigDi
     "dcn_v2": (dcn_v2.DCNv2, dcn_v2.default_config),
     "deepfm": (deepfm.DeepFM, deepfm.default_config),
     "wide_deep": (wide_deep.WideDeep, wide_deep.default_config),
+    "logistic": (logistic.LogisticRegression, logistic.default_config),
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
@@ -84,8 +86,9 @@ def build_model(model_config: ml_collections.ConfigDict | Mapping, *,
     if field in kwargs:
       kwargs[field] = layers.as_int_tuple(f"model.{field}", kwargs[field])
   kwargs["dtype"] = layers.compute_dtype(kwargs["dtype"])
-  layers.activation_fn(kwargs["activation"])
-  if not 0.0 <= float(kwargs["dropout_rate"]) < 1.0:
+  if "activation" in kwargs:
+    layers.activation_fn(kwargs["activation"])
+  if not 0.0 <= float(kwargs.get("dropout_rate", 0.0)) < 1.0:
     raise ValueError(f"model.dropout_rate must be in [0, 1), got {kwargs['dropout_rate']}.")
   if not feature_dims:
     raise ValueError("feature_dims is empty; every model needs at least one sparse feature.")

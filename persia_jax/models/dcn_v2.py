@@ -115,9 +115,7 @@ class DCNv2(nn.Module):
                train: bool = False) -> jax.Array:
     """Returns float32 logits [B] from dense [B, num_dense] and embeddings {name: [B, dim]}."""
     layers.check_inputs(dense, embeddings, self.feature_dims, self.num_dense)
-    x0 = jnp.concatenate(
-        layers.ordered_embeddings(embeddings, self.feature_dims, self.dtype)
-        + [dense.astype(self.dtype)], axis=-1)
+    x0 = layers.concat_inputs(dense, embeddings, self.feature_dims, self.dtype)
     cross = x0
     for i in range(self.num_cross_layers):
       cross = CrossLayer(self.cross_low_rank, dtype=self.dtype, name=f"cross_{i}")(x0, cross)

@@ -55,9 +55,7 @@ class DNN(nn.Module):
                train: bool = False) -> jax.Array:
     """Returns float32 logits [B] from dense [B, num_dense] and embeddings {name: [B, dim]}."""
     layers.check_inputs(dense, embeddings, self.feature_dims, self.num_dense)
-    x = jnp.concatenate(
-        layers.ordered_embeddings(embeddings, self.feature_dims, self.dtype)
-        + [dense.astype(self.dtype)], axis=-1)
+    x = layers.concat_inputs(dense, embeddings, self.feature_dims, self.dtype)
     x = layers.MLP(self.hidden_sizes, activation=self.activation,
                    dropout_rate=self.dropout_rate, dtype=self.dtype, name="mlp")(x, train)
     return layers.LogitHead(self.output_bias_init, name="logit")(x)

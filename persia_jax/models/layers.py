@@ -99,6 +99,13 @@ def ordered_embeddings(embeddings: Mapping[str, Array],
   return [jnp.asarray(embeddings[name]).astype(dtype) for name, _ in feature_dims]
 
 
+def concat_inputs(dense: Array, embeddings: Mapping[str, Array],
+                  feature_dims: Sequence[tuple[str, int]], dtype: Dtype) -> Array:
+  """Returns [B, sum(dims) + num_dense]: embeddings in sorted(name) order, then dense."""
+  return jnp.concatenate(ordered_embeddings(embeddings, feature_dims, dtype)
+                         + [dense.astype(dtype)], axis=-1)
+
+
 def equal_dim(model_name: str, feature_dims: Sequence[tuple[str, int]]) -> int:
   """Returns the common embedding dim, raising if the features differ in dim."""
   dims = {dim for _, dim in feature_dims}

@@ -58,9 +58,7 @@ class WideDeep(nn.Module):
                train: bool = False) -> jax.Array:
     """Returns float32 logits [B] from dense [B, num_dense] and embeddings {name: [B, dim]}."""
     layers.check_inputs(dense, embeddings, self.feature_dims, self.num_dense)
-    x = jnp.concatenate(
-        layers.ordered_embeddings(embeddings, self.feature_dims, self.dtype)
-        + [dense.astype(self.dtype)], axis=-1)
+    x = layers.concat_inputs(dense, embeddings, self.feature_dims, self.dtype)
     wide = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=layers.default_kernel_init, name="wide")(x.astype(jnp.float32))
     deep = layers.MLP(self.deep_mlp_sizes, activation=self.activation,

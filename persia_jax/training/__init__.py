@@ -1,0 +1,1 @@
+"""Training: the jitted dense step, embedding schedules, the loop, checkpoints and export."""

@@ -180,6 +180,24 @@ def save_checkpoint(workdir: str | os.PathLike, step: int, *, dense: Any,
   return final
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+  """Returns the checkpoint at `path`, or the latest one if `path` is a workdir.
+
+  Raises:
+    FileNotFoundError: if `path` is neither a checkpoint nor a workdir with one.
+  """
+  path = pathlib.Path(path)
+  if (path / "meta.json").is_file():
+    return path
+  latest = latest_checkpoint(path)
+  if latest is None:
+    raise FileNotFoundError(
+        f"config.restore_from={str(path)!r} is neither a checkpoint directory (with"
+        " meta.json) nor a workdir with checkpoints. Point it at a"
+        " <workdir>/checkpoints/checkpoint_<step> directory or at a workdir.")
+  return latest
+
+
 def load_meta(path: str | os.PathLike) -> dict[str, Any]:
   with open(pathlib.Path(path) / "meta.json") as f:
     return json.load(f)

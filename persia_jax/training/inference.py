@@ -65,9 +65,10 @@ class Predictor:
     export_dir = pathlib.Path(export_dir)
     if not (export_dir / "export.json").is_file():
       raise FileNotFoundError(
-          f"{export_dir} is not a persia_jax export: export.json is missing. Create one"
-          " with experiments/train.py and --config.export_dir=PATH, or with"
-          " persia_jax.training.inference.export_model.")
+          f"{export_dir} is not a persia_jax export: export.json is missing."
+          " experiments/train.py writes one to <workdir>/export when"
+          " config.export=True (the default); persia_jax.training.inference.export_model"
+          " writes one from a Trainer.")
     with open(export_dir / "config.json") as f:
       self.config = ml_collections.ConfigDict(json.load(f))
     with open(export_dir / "export.json") as f:
@@ -108,26 +109,47 @@ class Predictor:
 
 
 def predict_file(predictor: Predictor, input_path: str, output_path: str, *,
-                 on_bad_row: str = "error") -> int:
+                 labelled: bool = True) -> int:
   """Scores every row of `input_path` in file order; writes one probability per line.
+
+  A malformed row raises an error naming its file, line and column, because a
+  skipped row would shift every later prediction to the wrong line.
+
+  Args:
+    predictor: the loaded export.
+    input_path: a file in the format the model was trained on.
+    output_path: the text file to write, replaced atomically.
+    labelled: False for files without the label column, such as Criteo's
+      Kaggle `test.txt`.
 
   Returns:
     The number of predictions written.
   """
+  if not pathlib.Path(input_path).is_file():
+    raise FileNotFoundError(f"The input file {input_path} does not exist; pass --input=PATH.")
   data_config = ml_collections.ConfigDict(predictor.config.data.to_dict())
   # All rows of the input, in file order, form the "test" split.
   data_config.files = input_path
   data_config.test_files = input_path
-  data_config.on_bad_row = on_bad_row
+  data_config.on_bad_row = "error"
+  if not labelled:
+    label_column = data_config.label.column
+    data_config.label.column = ""
+    if data_config.get("columns"):
+      data_config.columns = [c for c in data_config.columns if c != label_column]
   count = 0
   output_path = pathlib.Path(output_path)
   output_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = output_path.with_name(output_path.name + ".tmp")
-  with data_lib.build_input(data_config, split="test", batch_size=predictor.batch_size) as batches, \
-      open(tmp, "w") as f:
-    for batch in batches:
-      probabilities = predictor.predict_batch(batch)
-      np.savetxt(f, probabilities, fmt="%.6f")
-      count += batch.size
+  try:
+    with data_lib.build_input(data_config, split="test",
+                              batch_size=predictor.batch_size) as batches, open(tmp, "w") as f:
+      for batch in batches:
+        probabilities = predictor.predict_batch(batch)
+        np.savetxt(f, probabilities, fmt="%.6f")
+        count += batch.size
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
   os.replace(tmp, output_path)
   return count

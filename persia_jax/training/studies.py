@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import platform
 from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
 
+from persia_jax import benchmarking
 from persia_jax.evaluation import plots as plots_lib
 from persia_jax.training import trainer as trainer_lib
 
@@ -101,7 +101,7 @@ def write_report(summaries: list[dict[str, Any]], output_dir: str | pathlib.Path
   output_dir = pathlib.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   rows = aggregate(summaries)
-  machine = f"{platform.machine()}, {platform.processor() or 'unknown CPU'}"
+  machine = benchmarking.describe_machine()
   report = {"command": command, "machine": machine, "rows": rows, "runs": summaries}
   with open(output_dir / f"{name}.json", "w") as f:
     json.dump(report, f, indent=2, default=lambda x: None if isinstance(x, float) and
@@ -109,7 +109,30 @@ def write_report(summaries: list[dict[str, Any]], output_dir: str | pathlib.Path
   table = markdown_table(rows)
   with open(output_dir / f"{name}.md", "w") as f:
     f.write(f"Command: `{command}`\n\nMachine: {machine}\n\n{table}\n")
-  runs = {f"{s['variant']} seed {s['seed']}": pathlib.Path(s["workdir"]) / "metrics.jsonl"
-          for s in summaries}
-  plots_lib.plot_metric(runs, key="eval_auc", out_png=output_dir / f"{name}_auc.png")
+  plots_lib.plot_metric(mean_curves(summaries, output_dir / f"{name}_curves"),
+                        key="eval_auc", out_png=output_dir / f"{name}_auc.png",
+                        title=f"test AUC, mean over {len(set(s['seed'] for s in summaries))} seeds")
   return report
+
+
+def mean_curves(summaries: list[dict[str, Any]], out_dir: pathlib.Path,
+                key: str = "eval_auc") -> dict[str, pathlib.Path]:
+  """Writes one JSON-lines file per variant with `key` averaged over seeds at each step.
+
+  Returns:
+    Variant label to the written file, ready for `plots.plot_metric`.
+  """
+  out_dir.mkdir(parents=True, exist_ok=True)
+  curves = {}
+  for label in dict.fromkeys(s["variant"] for s in summaries):
+    by_step: dict[int, list[float]] = {}
+    for run in (s for s in summaries if s["variant"] == label):
+      for row in plots_lib.read_metrics(pathlib.Path(run["workdir"]) / "metrics.jsonl"):
+        if row.get(key) is not None:
+          by_step.setdefault(int(row["step"]), []).append(float(row[key]))
+    path = out_dir / f"{label}.jsonl"
+    with open(path, "w") as f:
+      for step in sorted(by_step):
+        f.write(json.dumps({"step": step, key: float(np.mean(by_step[step]))}) + "\n")
+    curves[label] = path
+  return curves

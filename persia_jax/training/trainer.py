@@ -29,11 +29,13 @@ t exactly before lookup(t + tau + 1), so runs are bit-reproducible.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging as pylogging
 import math
 import os
 import pathlib
+import socket
 import time
 from typing import Any, Iterator
 
@@ -72,6 +74,36 @@ def quiet_library_logs() -> None:
     handler.addFilter(_DropLibraryInfo())
 
 
+class WorkdirInUseError(RuntimeError):
+  """Another process is training in the same workdir."""
+
+
+def lock_workdir(workdir: pathlib.Path):
+  """Takes an exclusive lock on `workdir/.lock`; returns the open file that holds it.
+
+  The lock is released when the file is closed or the process ends, so a
+  killed run never leaves a stale lock behind.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"The workdir {workdir} exists and is a file; choose a directory.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock_file = open(workdir / ".lock", "a+")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock_file.seek(0)
+    owner = lock_file.read().strip() or "another process"
+    lock_file.close()
+    raise WorkdirInUseError(
+        f"The workdir {workdir} is in use by {owner}. Wait for that run to finish, or"
+        " choose another --workdir.") from None
+  lock_file.seek(0)
+  lock_file.truncate()
+  lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+  lock_file.flush()
+  return lock_file
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the field for an inconsistent training config."""
   if config.mode not in MODES:
@@ -85,10 +117,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.dense_staleness={config.dense_staleness} only applies to"
         f" config.mode='async', but the mode is {config.mode!r}; set it to 0.")
-  if config.batch_size <= 0 or config.eval_batch_size <= 0:
-    raise ValueError("config.batch_size and config.eval_batch_size must be positive.")
-  if config.num_train_steps <= 0:
-    raise ValueError(f"config.num_train_steps={config.num_train_steps} must be positive.")
+  for name in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
+               "num_update_threads"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name}={config[name]} must be positive.")
+  for name in ("eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[name] < 0:
+      raise ValueError(f"config.{name}={config[name]} must be >= 0 (0 turns it off).")
 
 
 def resolve_features(config: ml_collections.ConfigDict, schema) -> None:
@@ -177,9 +212,22 @@ class Trainer:
 
     # Stage 1: workdir. config.json is written in stage 4, once the feature
     # list from the data schema is filled in.
-    if self.workdir:
-      self.workdir.mkdir(parents=True, exist_ok=True)
+    self._lock = lock_workdir(self.workdir) if self.workdir else None
+    try:
+      self._setup(config)
+    except BaseException:
+      if hasattr(self, "train_iter"):
+        self.train_iter.close()
+      self._release_lock()
+      raise
 
+  def _release_lock(self) -> None:
+    if self._lock is not None:
+      self._lock.close()
+      self._lock = None
+
+  def _setup(self, config: ml_collections.ConfigDict) -> None:
+    """Runs stages 2 to 6; see the module docstring."""
     # Stage 2: mesh.
     self.mesh = dense_lib.create_mesh(config.num_devices)
     dense_lib.check_batch_size(config.batch_size, self.mesh, "batch_size")
@@ -233,9 +281,16 @@ class Trainer:
     self.step = 0
     pending = []
     latest = checkpoint_lib.latest_checkpoint(self.workdir) if self.workdir else None
-    restore_path = latest or (config.get("restore_from") or None)
-    if restore_path:
-      pending = self._restore(restore_path, resume_input=latest is not None)
+    if latest:
+      pending = self._restore(latest, resume_input=True)
+      if self.step >= config.num_train_steps:
+        logging.warning(
+            "The workdir's latest checkpoint is at step %d, at or past"
+            " config.num_train_steps=%d, so there is nothing left to train. Use a new"
+            " workdir to train from scratch.", self.step, config.num_train_steps)
+    elif config.get("restore_from"):
+      self._restore(checkpoint_lib.resolve_checkpoint(config.restore_from),
+                    resume_input=False)
     self.schedule = schedule_lib.make_schedule(
         config.mode, self.worker.apply, staleness=config.embedding_staleness,
         num_threads=config.num_update_threads,
@@ -480,13 +535,14 @@ class Trainer:
     return results
 
   def close(self) -> None:
-    """Flushes pending pushes and stops background threads."""
+    """Flushes pending pushes, stops background threads and releases the workdir."""
     try:
       self.schedule.close()
     finally:
       self.train_iter.close()
       if self.writer:
         self.writer.close()
+      self._release_lock()
 
 
 def _write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
@@ -499,15 +555,22 @@ def _write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs a whole experiment in `workdir` and returns its summary.
 
-  Writes `config.json`, `metrics.jsonl`, `status.json` (running, done or
-  diverged), `summary.json` and `eval_auc.png` into the workdir.
+  Writes `config.json`, `metrics.jsonl`, `status.json` (running, done,
+  diverged, interrupted or failed), `summary.json` and `eval_auc.png` into the
+  workdir.
   """
   workdir_path = pathlib.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
   status_path = workdir_path / "status.json"
-  _write_json(status_path, {"status": "running"})
   start = time.time()
-  trainer = Trainer(config, workdir)
+  try:
+    trainer = Trainer(config, workdir)
+  except WorkdirInUseError:
+    raise  # The status file belongs to the run that holds the workdir.
+  except BaseException as error:
+    if workdir_path.is_dir():
+      _write_json(status_path, {"status": "failed", "message": f"{type(error).__name__}: {error}"})
+    raise
+  _write_json(status_path, {"status": "running", "pid": os.getpid()})
   try:
     final = trainer.train()
     if config.export:
@@ -516,6 +579,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       inference.export_model(trainer, workdir_path / "export")
   except FloatingPointError as error:
     _write_json(status_path, {"status": "diverged", "message": str(error)})
+    raise
+  except KeyboardInterrupt:
+    _write_json(status_path, {"status": "interrupted", "step": trainer.step})
+    raise
+  except BaseException as error:
+    _write_json(status_path, {"status": "failed", "step": trainer.step,
+                              "message": f"{type(error).__name__}: {error}"})
     raise
   finally:
     trainer.close()
