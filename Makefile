@@ -36,6 +36,7 @@ compare: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python experiments/benchmark_embedding.py
 	$(BIN)/python experiments/benchmark_data.py
+	$(BIN)/python experiments/benchmark_dense.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -98,10 +98,13 @@ _jit = numba.njit(nogil=True, cache=True)
 _inline_jit = numba.njit(nogil=True, cache=True, inline="always")
 
 # How many IDs ahead the lookup and update kernels prefetch. A probe is a chain
-# of cache misses: the table slot, then the key and row. The kernels prefetch
-# the table slot PREFETCH_DISTANCE IDs ahead and the key, row and recency stamp
-# half as far ahead, so the misses of many IDs overlap. 16 and 32 measured
-# within noise of each other, 64 was slower (10 M x 16 table, 65,536 IDs).
+# of cache misses: the table slot, then the keys of the slots it passes, then
+# the row. `_resolve_rows` prefetches the table slot PREFETCH_DISTANCE IDs
+# ahead and the keys of the first slots of the probe run half as far ahead, so
+# the misses of many IDs overlap; the kernels then prefetch the resolved row
+# (and stamp or optimizer state) of the ID half as far ahead. 16 and 32
+# measured within noise of each other, 64 was slower (10 M x 16 table, 65,536
+# IDs); for the resolved rows 16, 32 and 64 IDs ahead were within noise.
 PREFETCH_DISTANCE = 32
 
 
@@ -632,9 +635,7 @@ def count_insert_candidates(ids, positions, keys, table, admission_key,
     if j + PREFETCH_DISTANCE < k:
       prefetch(table, homes[j + PREFETCH_DISTANCE])
     if j + PREFETCH_DISTANCE // 2 < k:
-      guess = table[homes[j + PREFETCH_DISTANCE // 2]]
-      if guess >= 0:
-        prefetch(keys, guess)
+      _prefetch_probe_keys(table, keys, homes[j + PREFETCH_DISTANCE // 2])
     key = ids[positions[j]]
     _, row = _find_from(table, keys, key, homes[j])
     if row < 0 and _passes_admission(key, admission_key, admission_threshold):

@@ -35,12 +35,21 @@ bytes, so 1.25x of row and state is reachable only for rows of 87 bytes or
 more (for example dim >= 22 with SGD, dim >= 11 with Adagrad).
 
 Speed. A lookup of an ID reads three random cache lines: the table slot, the
-key and the row. A training lookup also writes the row's stamp, a fourth. The
-row slot comes from the table, so these misses form a chain. The kernels
-therefore compute all home slots first, then prefetch the table slot of the ID
-`kernels.PREFETCH_DISTANCE` positions ahead and the key, row and stamp of the
-ID half as far ahead, so the misses of many IDs overlap. Work that is not
-configured stays off the per-ID path: no stamps without a capacity, no
+key and the row. A training lookup also writes the row's stamp, a fourth, and
+an update reads and writes the row's optimizer state. The row slot comes from
+the table, so these misses form a chain, and at the 75% load limit about a
+third of the IDs are not in their home slot, so their probe reads the keys
+of further slots (one more random line each). Every kernel therefore first
+resolves the rows of all its IDs (`kernels._resolve_rows`): it computes the
+home slots, prefetches the table slot of the ID `kernels.PREFETCH_DISTANCE`
+positions ahead and the keys of the first three slots of the probe run of
+the ID half as far ahead, so the misses of many IDs overlap. A second loop,
+which copies rows or sums gradients, then prefetches the now known row (and
+stamp or state) of the ID half as far ahead. An update sums the gradients of
+duplicate IDs in a small per-call hash map, then applies the optimizer to
+each unique row in float32 vectorized code (see Optimizers), so its cost is
+the memory traffic of the probes and rows, not the arithmetic. Work that is
+not configured stays off the per-ID path: no stamps without a capacity, no
 count-min sketch unless `admission_min_count > 1`, no insert-candidate pass
 once a shard's arrays are at its capacity, and the distinct-ID hash only on
 misses (see Counters).

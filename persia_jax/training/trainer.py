@@ -46,7 +46,7 @@ from absl import logging
 
 from persia_jax import data as data_lib
 from persia_jax import models as models_lib
-from persia_jax.data.batch import Batch
+from persia_jax.data.batch import Batch, SparseInput
 from persia_jax.embedding import features as features_lib
 from persia_jax.embedding import worker as worker_lib
 from persia_jax.evaluation import metrics as metrics_lib
@@ -312,7 +312,6 @@ class Trainer:
   # --- the three named steps -------------------------------------------------
 
   def _zero_batch(self) -> Batch:
-    from persia_jax.data.batch import SparseInput  # pylint: disable=g-import-not-at-top
     size = self.local_batch_size
     sparse = {}
     for column in self.schema.sparse:
