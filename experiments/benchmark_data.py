@@ -28,7 +28,6 @@ and replaces the "Data pipeline" section of `--docs_path`.
 from __future__ import annotations
 
 import gzip
-import json
 import pathlib
 import shutil
 import sys
@@ -252,17 +251,10 @@ def main(argv):
   results = run_benchmark(_QUICK.value)
   results["command"] = command
 
-  output_dir = pathlib.Path(_OUTPUT_DIR.value)
-  output_dir.mkdir(parents=True, exist_ok=True)
   name = "data_pipeline_quick.json" if _QUICK.value else "data_pipeline.json"
-  (output_dir / name).write_text(json.dumps(results, indent=2) + "\n")
-  logging.info("Wrote %s.", output_dir / name)
-
-  section = render_markdown(results, command)
-  print(section)
-  if _DOCS_PATH.value:
-    benchmarking.update_docs_section(_DOCS_PATH.value, SECTION_TITLE, section)
-    logging.info("Updated the %r section of %s.", SECTION_TITLE, _DOCS_PATH.value)
+  benchmarking.write_results(results, pathlib.Path(_OUTPUT_DIR.value) / name,
+                             docs_path=_DOCS_PATH.value, title=SECTION_TITLE,
+                             section=render_markdown(results, command))
 
 
 if __name__ == "__main__":

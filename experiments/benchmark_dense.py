@@ -4,7 +4,7 @@ Feeds random dense features and embeddings of the default config's shapes
 (Criteo: 13 dense features, 26 embeddings of dim 16) straight to
 `DenseTrainer.train_step`, with no embedding store or input pipeline, and
 reports samples per second after compilation. The trainer's samples/s divided
-by this number says how close the whole hybrid pipeline comes to the dense
+by this number measures how close the whole hybrid pipeline comes to the dense
 step's own speed.
 
 It also checks the step on the current backend: the jitted step is compared
@@ -20,7 +20,6 @@ Writes `dense_step_<backend>.json` to --output_dir and the "Dense step
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import time
@@ -147,14 +146,10 @@ def main(argv):
     results["timings"].append(time_batch_size(dense_trainer, batch_size, _STEPS.value))
     logging.info("%s", results["timings"][-1])
 
-  output_dir = pathlib.Path(_OUTPUT_DIR.value)
-  output_dir.mkdir(parents=True, exist_ok=True)
   backend = results["backend"]
-  (output_dir / f"dense_step_{backend}.json").write_text(json.dumps(results, indent=2) + "\n")
-  section = render_markdown(results)
-  print(section)
-  if _DOCS_PATH.value:
-    benchmarking.update_docs_section(_DOCS_PATH.value, section_title(backend), section)
+  benchmarking.write_results(
+      results, pathlib.Path(_OUTPUT_DIR.value) / f"dense_step_{backend}.json",
+      docs_path=_DOCS_PATH.value, title=section_title(backend), section=render_markdown(results))
 
 
 if __name__ == "__main__":

@@ -617,18 +617,16 @@ def main(argv):
         " --quick" if _QUICK.value else "")
     results = run_benchmark(config)
     results["command"] = command
-
-    output_dir = pathlib.Path(_OUTPUT_DIR.value)
-    output_dir.mkdir(parents=True, exist_ok=True)
     name = "embedding_store_quick.json" if _QUICK.value else "embedding_store.json"
-    (output_dir / name).write_text(json.dumps(results, indent=2) + "\n")
-    logging.info("Wrote %s.", output_dir / name)
+    benchmarking.write_results(results, pathlib.Path(_OUTPUT_DIR.value) / name,
+                               docs_path=_DOCS_PATH.value, title=SECTION_TITLE,
+                               section=render_markdown(results, command))
+    return
 
   section = render_markdown(results, command)
   print(section)
   if _DOCS_PATH.value:
     benchmarking.update_docs_section(_DOCS_PATH.value, SECTION_TITLE, section)
-    logging.info("Updated the %r section of %s.", SECTION_TITLE, _DOCS_PATH.value)
 
 
 if __name__ == "__main__":

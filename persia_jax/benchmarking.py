@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -9,6 +10,7 @@ import re
 import subprocess
 
 import numpy as np
+from absl import logging
 
 
 def machine_info() -> dict[str, str | int]:
@@ -58,3 +60,16 @@ def update_docs_section(path: str | os.PathLike, title: str, section: str) -> No
   path.parent.mkdir(parents=True, exist_ok=True)
   existing = path.read_text() if path.exists() else ""
   path.write_text(replace_markdown_section(existing, title, section))
+
+
+def write_results(results: dict, json_path: str | os.PathLike, *, docs_path: str,
+                  title: str, section: str) -> None:
+  """Writes `results` as JSON, prints `section` and puts it into `docs_path` (unless empty)."""
+  json_path = pathlib.Path(json_path)
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  json_path.write_text(json.dumps(results, indent=2) + "\n")
+  logging.info("Wrote %s.", json_path)
+  print(section)
+  if docs_path:
+    update_docs_section(docs_path, title, section)
+    logging.info("Updated the %r section of %s.", title, docs_path)

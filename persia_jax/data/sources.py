@@ -84,6 +84,14 @@ class ParsedBlock:
   skipped: dict[str, int]
 
 
+def empty_parsed_block(schema, block) -> ParsedBlock:
+  """Returns the parse result of a block without rows (an empty file)."""
+  return ParsedBlock(
+      Chunk(np.zeros(0, np.float32), np.zeros((0, schema.num_dense), np.float32),
+            {n: (np.zeros(0, np.uint64), np.zeros(0, np.int32)) for n in schema.sparse_names}),
+      np.zeros(0, np.int64), block.file_index, block.end, 0, dict(block.skipped))
+
+
 def resolve_path(pattern: str) -> str:
   """Resolves a relative path or glob against the current directory, then the repo root."""
   path = pathlib.Path(os.path.expanduser(pattern))
@@ -285,11 +293,7 @@ class TextSource:
 
   def parse(self, block: Block) -> ParsedBlock:
     if block.payload is None:
-      return ParsedBlock(
-          Chunk(np.zeros(0, np.float32), np.zeros((0, self.schema.num_dense), np.float32),
-                {n: (np.zeros(0, np.uint64), np.zeros(0, np.int32))
-                 for n in self.schema.sparse_names}),
-          np.zeros(0, np.int64), block.file_index, block.end, 0, dict(block.skipped))
+      return empty_parsed_block(self.schema, block)
     columns = self.columns_of(block.file_index)
     buf = np.frombuffer(block.payload, np.uint8)
     lines = parsing.tokenize(buf, self.delimiter, len(columns))
@@ -412,11 +416,7 @@ class ParquetSource:
 
   def parse(self, block: Block) -> ParsedBlock:
     if block.payload is None:
-      return ParsedBlock(
-          Chunk(np.zeros(0, np.float32), np.zeros((0, self.schema.num_dense), np.float32),
-                {n: (np.zeros(0, np.uint64), np.zeros(0, np.int32))
-                 for n in self.schema.sparse_names}),
-          np.zeros(0, np.int64), block.file_index, block.end, 0, dict(block.skipped))
+      return empty_parsed_block(self.schema, block)
     batch = block.payload
     spans = {name: arrow_spans(batch.column(name)) for name in self.schema.source_columns()}
     n = batch.num_rows

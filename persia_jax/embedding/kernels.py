@@ -101,10 +101,11 @@ _inline_jit = numba.njit(nogil=True, cache=True, inline="always")
 # of cache misses: the table slot, then the keys of the slots it passes, then
 # the row. `_resolve_rows` prefetches the table slot PREFETCH_DISTANCE IDs
 # ahead and the keys of the first slots of the probe run half as far ahead, so
-# the misses of many IDs overlap; the kernels then prefetch the resolved row
-# (and stamp or optimizer state) of the ID half as far ahead. 16 and 32
-# measured within noise of each other, 64 was slower (10 M x 16 table, 65,536
-# IDs); for the resolved rows 16, 32 and 64 IDs ahead were within noise.
+# the misses of many IDs overlap. The lookups then prefetch the resolved row
+# (and stamp) of the ID half as far ahead, the update pass the row and state
+# of the unique row PREFETCH_DISTANCE ahead. 16 and 32 measured within noise
+# of each other for the probes, 64 was slower (10 M x 16 table, 65,536 IDs);
+# for the resolved rows 16, 32 and 64 IDs ahead were within noise.
 PREFETCH_DISTANCE = 32
 
 
@@ -824,9 +825,8 @@ def apply_gradients(ids, positions, grads, keys, rows, state, table, counters, c
   """
   k = positions.shape[0]
   dim = rows.shape[1]
-  # Probes first (their misses overlap), then sums duplicates with the row of
-  # every ID known, so the row and state of the ID ahead are prefetched
-  # exactly, not guessed from its home slot.
+  # Probes first (their misses overlap), then sums duplicates, then updates
+  # each unique row, whose row and state are known exactly by then.
   found = _resolve_rows(ids, positions, keys, table)
   # Small local hash map from row slot to its index in `summed`: one int64
   # entry (row << 32 | index) per hash slot, -1 when empty, so a probe reads
@@ -845,15 +845,10 @@ def apply_gradients(ids, positions, grads, keys, rows, state, table, counters, c
   num_unique = 0
   absent = 0
   for j in range(k):
-    # Rows and state are used only in the update pass below, but fetching
-    # them here overlaps their misses with the summing. A shard's share of a
-    # batch (about 16 K IDs, 2 MiB of rows and state at dim 16) mostly stays
-    # in L2 until then.
-    if j + PREFETCH_DISTANCE // 2 < k:
-      ahead = found[j + PREFETCH_DISTANCE // 2]
-      if ahead >= 0:
-        _prefetch_rows(rows, ahead)
-        _prefetch_rows(state, ahead)
+    # Rows and state are not prefetched here: the update pass below
+    # prefetches them itself, and lines fetched here tend to leave L2 before
+    # that pass (the summing streams about 1 MiB of gradients per shard at
+    # dim 16); measured as fast or faster without (10 M x 16 table).
     row = found[j]
     if row < 0:
       absent += 1
@@ -878,7 +873,7 @@ def apply_gradients(ids, positions, grads, keys, rows, state, table, counters, c
   summed_bits = summed.view(np.int32)
   updated = 0
   for u in range(num_unique):
-    ahead = u + PREFETCH_DISTANCE // 2
+    ahead = u + PREFETCH_DISTANCE
     if ahead < num_unique:
       _prefetch_rows(rows, unique_rows[ahead])
       _prefetch_rows(state, unique_rows[ahead])

@@ -43,12 +43,13 @@ of further slots (one more random line each). Every kernel therefore first
 resolves the rows of all its IDs (`kernels._resolve_rows`): it computes the
 home slots, prefetches the table slot of the ID `kernels.PREFETCH_DISTANCE`
 positions ahead and the keys of the first three slots of the probe run of
-the ID half as far ahead, so the misses of many IDs overlap. A second loop,
-which copies rows or sums gradients, then prefetches the now known row (and
-stamp or state) of the ID half as far ahead. An update sums the gradients of
-duplicate IDs in a small per-call hash map, then applies the optimizer to
-each unique row in float32 vectorized code (see Optimizers), so its cost is
-the memory traffic of the probes and rows, not the arithmetic. Work that is
+the ID half as far ahead, so the misses of many IDs overlap. A lookup's
+second loop copies the rows and prefetches the now known row (and stamp) of
+the ID half as far ahead. An update sums the gradients of duplicate IDs in a
+small per-call hash map, then applies the optimizer to each unique row in
+float32 vectorized code (see Optimizers), prefetching the row and state of
+the unique row `PREFETCH_DISTANCE` ahead, so its cost is the memory traffic
+of the probes, rows and state, not the arithmetic. Work that is
 not configured stays off the per-ID path: no stamps without a capacity, no
 count-min sketch unless `admission_min_count > 1`, no insert-candidate pass
 once a shard's arrays are at its capacity, and the distinct-ID hash only on
