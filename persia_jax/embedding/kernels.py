@@ -224,17 +224,7 @@ def initial_values(ids, seed_key, init_scale, out):
 @_jit
 def _find(table, keys, key):
   """Returns (slot, row): the key's slot and row, or the empty slot and -1."""
-  size = table.shape[0]
-  slot = _home(key, size)
-  while True:
-    row = table[slot]
-    if row < 0:
-      return slot, -1
-    if keys[row] == key:
-      return slot, row
-    slot += 1
-    if slot == size:
-      slot = 0
+  return _find_from(table, keys, key, _home(key, table.shape[0]))
 
 
 @_jit
