@@ -25,7 +25,12 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   for item in (arg or "").split(","):
     if item:
       key, _, value = item.partition("=")
-      options[key.strip()] = value.strip()
+      key = key.strip()
+      if key in options:
+        raise ValueError(f"Config argument {key!r} is given twice in {arg!r}.")
+      if key == "model" and not value.strip():
+        raise ValueError(f"Config argument 'model=' needs a model name, got {arg!r}.")
+      options[key] = value.strip()
   unknown = sorted(set(options) - {"runlocal", "model"})
   if unknown:
     raise ValueError(f"Unknown config arguments {unknown} in {arg!r}; expected runlocal"
@@ -57,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 25
   config.eval_every_steps = 25
   config.checkpoint_every_steps = 0  # 0: no checkpoints
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = 2        # newest checkpoints kept; 0 keeps all
   config.num_devices = 0             # 0: all local devices
   config.restore_from = ""           # initial weights from another run's checkpoint
   config.export = True               # write <workdir>/export for experiments/predict.py

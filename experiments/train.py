@@ -42,8 +42,12 @@ def main(argv):
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except KeyboardInterrupt:
-    logging.warning("Interrupted. Rerun the same command to resume from the latest"
-                    " checkpoint in %s (if config.checkpoint_every_steps > 0).", _WORKDIR.value)
+    if _CONFIG.value.checkpoint_every_steps:
+      logging.warning("Interrupted. Rerun the same command to resume from the latest"
+                      " checkpoint in %s.", _WORKDIR.value)
+    else:
+      logging.warning("Interrupted. Checkpoints are off, so a rerun starts from step 0;"
+                      " set --config.checkpoint_every_steps=N to make runs resumable.")
     sys.exit(130)
   logging.info("Summary: %s", summary)
   print(f"Mode {summary['mode']}: test AUC {summary.get('eval_auc', float('nan')):.4f},"

@@ -107,6 +107,18 @@ def test_malformed_row_stops_prediction(exported, tmp_path):
   lines[4] = "2" + lines[4][1:]
   input_path = _write_rows(tmp_path / "bad.txt", lines)
   predictor = inference.Predictor(export_dir, batch_size=128)
-  with pytest.raises(data_lib.DataError, match="line 5, column 'label'"):
+  with pytest.raises(data_lib.DataError, match="line 5, column 'label'") as raised:
     inference.predict_file(predictor, str(input_path), str(tmp_path / "out.txt"))
+  assert "prediction does not skip rows" in str(raised.value)
+  assert "on_bad_row" not in str(raised.value)
   assert not (tmp_path / "out.txt").exists()
+  assert not (tmp_path / "out.txt.tmp").exists()
+
+
+def test_unlabelled_file_without_flag_hints(exported, tmp_path):
+  export_dir, _ = exported
+  lines = [line.split("\t", 1)[1] + "\n" for line in CRITEO_SLICE.read_text().splitlines()[:5]]
+  input_path = _write_rows(tmp_path / "unlabelled.txt", lines)
+  predictor = inference.Predictor(export_dir, batch_size=128)
+  with pytest.raises(data_lib.DataError, match="pass --nolabelled"):
+    inference.predict_file(predictor, str(input_path), str(tmp_path / "out.txt"))

@@ -119,8 +119,13 @@ def expand_files(patterns: Any) -> list[str]:
     resolved = resolve_path(str(pattern))
     matches = sorted(p for p in glob.glob(resolved) if os.path.isfile(p))
     if not matches:
+      if os.path.isabs(str(pattern)):
+        raise FileNotFoundError(
+            f"Data file {pattern!r} not found. Check data.files (or data.test_files) in"
+            " the config.")
+      places = sorted({os.getcwd(), str(_REPO_ROOT)})
       raise FileNotFoundError(
-          f"Data file {pattern!r} not found (looked in {os.getcwd()} and {_REPO_ROOT})."
+          f"Data file {pattern!r} not found (looked in {' and '.join(places)})."
           " Check data.files in the config or pass an absolute path.")
     files.extend(m for m in matches if m not in files)
   return files

@@ -26,6 +26,7 @@ from absl import logging
 
 from persia_jax import data as data_lib
 from persia_jax import models as models_lib
+from persia_jax.data import parsing
 from persia_jax.data.batch import Batch
 from persia_jax.embedding import features as features_lib
 from persia_jax.embedding import worker as worker_lib
@@ -148,6 +149,16 @@ def predict_file(predictor: Predictor, input_path: str, output_path: str, *,
         probabilities = predictor.predict_batch(batch)
         np.savetxt(f, probabilities, fmt="%.6f")
         count += batch.size
+  except data_lib.DataError as error:
+    tmp.unlink(missing_ok=True)
+    # The reader suggests skipping bad rows, which prediction cannot do
+    # without shifting later predictions to the wrong lines.
+    hint = "Fix or remove the row; prediction does not skip rows."
+    if labelled and error.reason == "wrong_field_count":
+      hint += " If the file has no label column, pass --nolabelled."
+    raise data_lib.DataError(str(error).replace(parsing.SKIP_HINT, hint), path=error.path,
+                             line=error.line, column=error.column, value=error.value,
+                             reason=error.reason) from None
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise

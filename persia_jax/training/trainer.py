@@ -561,6 +561,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path = pathlib.Path(workdir)
   status_path = workdir_path / "status.json"
   start = time.time()
+  # An invalid config starts no run, so it leaves the workdir's status alone.
+  validate_config(config)
   try:
     trainer = Trainer(config, workdir)
   except WorkdirInUseError:
