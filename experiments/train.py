@@ -37,7 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   trainer.quiet_library_logs()
-  # `kill` stops the run like Ctrl-C does: status.json says "interrupted".
+  # `kill` stops the run like Ctrl-C does, and status.json records "interrupted".
   signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -7,9 +7,9 @@ An export directory contains
   embedding/<table> each store's TensorStore checkpoint.
 
 `Predictor` loads it, builds the model and the stores, and looks rows up with
-`train=False`: an ID the store has never seen gets its seeded initial value
-or zeros (the table's `unknown_id` setting) and is not inserted, so scoring
-never grows the store.
+`train=False`. An ID the store has never seen gets its seeded initial value or
+zeros (the table's `unknown_id` setting) and is not inserted, so scoring never
+grows the store.
 """
 
 from __future__ import annotations
