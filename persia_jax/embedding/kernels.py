@@ -19,9 +19,12 @@ Shard arrays (`A` allocated rows, `T` table slots, `S` optimizer slot width):
   candidates: int32 [K], eviction candidates: the rows that had the K
           smallest stamps when the buffer was filled, in stamp order (see
           `_next_victim`). Empty when recency is not tracked.
-  table:  int32 [T], open-addressing map from hash slot to row slot, -1 for an
-          empty slot. Occupancy lives here, not in the keys, so every uint64
-          value (0 and 2**64 - 1 included) is a valid key.
+  table:  int32 [T], open-addressing map from hash slot to entry, -1 for an
+          empty slot. The low b = bit_length(T) bits of an entry are the row
+          slot; the 31 - b bits above are a tag, the low bits of fmix64(key).
+          A probe reads the key of a slot (a random cache line) only when the
+          tag matches. A shard of 2.5 M rows has 9 tag bits. Occupancy lives here, not in the keys, so every
+          uint64 value (0 and 2**64 - 1 included) is a valid key.
   meta:   int64 [META_SIZE]: used rows, recency clock, admission-sketch
           increments since the last halving, next and end index into
           `candidates`, largest stamp in the candidate buffer when filled.
@@ -221,10 +224,34 @@ def initial_values(ids, seed_key, init_scale, out):
 # ----------------------------------------------------------------------------
 
 
+@_inline_jit
+def _row_bits(table_size):
+  """Returns the low bits of a table entry that hold the row slot.
+
+  Row slots are below the table size, so bit_length(table_size) bits hold
+  any of them; the remaining bits up to the sign bit hold the tag.
+  """
+  bits = 1
+  while bits < 31 and (1 << bits) <= table_size:
+    bits += 1
+  return bits
+
+
+@_inline_jit
+def _tag(key, bits):
+  """Returns the tag bits of `key`'s table entry (low fmix64 bits, shifted).
+
+  The home slot comes from the high 32 bits of the same hash, so tag and
+  home are independent.
+  """
+  return np.int64(fmix64(key) & _U((1 << (31 - bits)) - 1)) << bits
+
+
 @_jit
 def _find(table, keys, key):
   """Returns (slot, row): the key's slot and row, or the empty slot and -1."""
-  return _find_from(table, keys, key, _home(key, table.shape[0]))
+  bits = _row_bits(table.shape[0])
+  return _find_from(table, keys, key, _home(key, table.shape[0]), _tag(key, bits), bits)
 
 
 @_jit
@@ -232,22 +259,23 @@ def _delete_slot(table, keys, slot):
   # Backward-shift deletion: pull later entries of the probe run into the hole
   # unless their home slot lies cyclically in (hole, entry].
   size = table.shape[0]
+  row_mask = (1 << _row_bits(size)) - 1
   hole = slot
   j = slot
   while True:
     j += 1
     if j == size:
       j = 0
-    row = table[j]
-    if row < 0:
+    entry = table[j]
+    if entry < 0:
       break
-    home = _home(keys[row], size)
+    home = _home(keys[entry & row_mask], size)
     if hole <= j:
       stays = hole < home <= j
     else:
       stays = home > hole or home <= j
     if not stays:
-      table[hole] = row
+      table[hole] = entry
       hole = j
   table[hole] = -1
 
@@ -325,7 +353,7 @@ def _claim_row(key, keys, table, stamps, candidates, meta, capacity, counters):
     counters[C_EVICTIONS] += 1
   keys[row] = key
   slot, _ = _find(table, keys, key)
-  table[slot] = row
+  table[slot] = _tag(key, _row_bits(table.shape[0])) | row
   _touch(row, stamps, meta)
   return row
 
@@ -334,9 +362,10 @@ def _claim_row(key, keys, table, stamps, candidates, meta, capacity, counters):
 def rebuild_table(table, keys, used):
   """Refills `table` (any size > used) with row slots [0, used)."""
   table[:] = -1
+  bits = _row_bits(table.shape[0])
   for row in range(used):
     slot, _ = _find(table, keys, keys[row])
-    table[slot] = row
+    table[slot] = _tag(keys[row], bits) | row
 
 
 # ----------------------------------------------------------------------------
@@ -451,15 +480,20 @@ def route(ids, num_shards):
 
 
 @_inline_jit
-def _find_from(table, keys, key, slot):
-  """Like `_find`, starting at the precomputed home `slot` of `key`."""
+def _find_from(table, keys, key, slot, tag, bits):
+  """Like `_find`, from the precomputed home `slot` and `tag` of `key`.
+
+  Only a slot whose tag matches reads its row's key, a random cache line.
+  With b tag bits, another key's slot matches with probability 2**-b.
+  """
   size = table.shape[0]
+  row_mask = (1 << bits) - 1
   while True:
-    row = table[slot]
-    if row < 0:
+    entry = table[slot]
+    if entry < 0:
       return slot, -1
-    if keys[row] == key:
-      return slot, row
+    if (entry & ~row_mask) == tag and keys[entry & row_mask] == key:
+      return slot, entry & row_mask
     slot += 1
     if slot == size:
       slot = 0
@@ -467,12 +501,18 @@ def _find_from(table, keys, key, slot):
 
 @_jit
 def _homes(ids, positions, table_size):
-  """Returns int64 [k] home slots of `ids[positions]` in a table of `table_size`."""
+  """Returns int64 [k] home slots and int64 [k] tags of `ids[positions]`."""
   k = positions.shape[0]
+  bits = _row_bits(table_size)
   homes = np.empty(k, np.int64)
+  tags = np.empty(k, np.int64)
+  tag_mask = _U((1 << (31 - bits)) - 1)
   for j in range(k):
-    homes[j] = _home(ids[positions[j]], table_size)
-  return homes
+    # One hash for both, as `_home` and `_tag` compute them.
+    h = fmix64(ids[positions[j]])
+    homes[j] = np.int64(((h >> _S32) * _U(table_size)) >> _S32)
+    tags[j] = np.int64(h & tag_mask) << bits
+  return homes, tags
 
 
 @_inline_jit
@@ -482,24 +522,27 @@ def _prefetch_rows(array, row):
     prefetch2(array, row, c)
 
 
-# Slots of a probe run whose keys the lookup and update kernels prefetch. At the 75% load
-# limit about 63% of the rows sit in their home slot, 15% one slot later and
-# 7% two slots later (10 M rows in 4 shards, measured), and each slot that a
-# probe passes costs a key read in a random cache line.
+# Slots of a probe run whose keys (when the tag matches) the lookup and update
+# kernels prefetch. At the 75% load limit about 63% of the rows sit in their
+# home slot, 15% one slot later and 7% two slots later (10 M rows in 4 shards,
+# measured). The tags spare the key reads of the slots a probe passes.
 _PROBE_PREFETCH_SLOTS = 3
 
 
 @_inline_jit
-def _prefetch_probe_keys(table, keys, home):
-  # Prefetches the keys of the first slots of the probe run from `home`,
-  # stopping at an empty slot, where the probe would stop too.
+def _prefetch_probe_keys(table, keys, home, tag, bits):
+  # Prefetches the keys of the first slots of the probe run from `home` whose
+  # tag matches (the only keys the probe reads), stopping at an empty slot,
+  # where the probe would stop too.
   size = table.shape[0]
+  row_mask = (1 << bits) - 1
   slot = home
   for _ in range(_PROBE_PREFETCH_SLOTS):
-    row = table[slot]
-    if row < 0:
+    entry = table[slot]
+    if entry < 0:
       return
-    prefetch(keys, row)
+    if (entry & ~row_mask) == tag:
+      prefetch(keys, entry & row_mask)
     slot += 1
     if slot == size:
       slot = 0
@@ -516,15 +559,17 @@ def _resolve_rows(ids, positions, keys, table):
   home slot would leave every probe that moves on with a key miss it waits
   for.
   """
-  homes = _homes(ids, positions, table.shape[0])
+  homes, tags = _homes(ids, positions, table.shape[0])
+  bits = _row_bits(table.shape[0])
   k = positions.shape[0]
   found = np.empty(k, np.int32)
   for j in range(k):
     if j + PREFETCH_DISTANCE < k:
       prefetch(table, homes[j + PREFETCH_DISTANCE])
     if j + PREFETCH_DISTANCE // 2 < k:
-      _prefetch_probe_keys(table, keys, homes[j + PREFETCH_DISTANCE // 2])
-    _, row = _find_from(table, keys, ids[positions[j]], homes[j])
+      half = j + PREFETCH_DISTANCE // 2
+      _prefetch_probe_keys(table, keys, homes[half], tags[half], bits)
+    _, row = _find_from(table, keys, ids[positions[j]], homes[j], tags[j], bits)
     found[j] = row
   return found
 
@@ -619,16 +664,18 @@ def count_insert_candidates(ids, positions, keys, table, admission_key,
   Counts the occurrences of `ids[positions]` that have no row and pass the
   admission probability (the minimum count is not checked).
   """
-  homes = _homes(ids, positions, table.shape[0])
+  homes, tags = _homes(ids, positions, table.shape[0])
+  bits = _row_bits(table.shape[0])
   k = positions.shape[0]
   candidates = 0
   for j in range(k):
     if j + PREFETCH_DISTANCE < k:
       prefetch(table, homes[j + PREFETCH_DISTANCE])
     if j + PREFETCH_DISTANCE // 2 < k:
-      _prefetch_probe_keys(table, keys, homes[j + PREFETCH_DISTANCE // 2])
+      half = j + PREFETCH_DISTANCE // 2
+      _prefetch_probe_keys(table, keys, homes[half], tags[half], bits)
     key = ids[positions[j]]
-    _, row = _find_from(table, keys, key, homes[j])
+    _, row = _find_from(table, keys, key, homes[j], tags[j], bits)
     if row < 0 and _passes_admission(key, admission_key, admission_threshold):
       candidates += 1
   return candidates

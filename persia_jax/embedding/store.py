@@ -15,10 +15,13 @@ queue behind each other shard by shard. With `num_threads > 1` the shards of
 one call also run in a pool.
 
 Map. Each shard maps IDs to row slots with an open-addressing table of int32
-row slots: linear probing, backward-shift deletion (no tombstones), home slot
-from MurmurHash3's fmix64 finalizer, which is independent of the routing hash.
-A table slot is free when it contains -1, so occupancy never depends on the key.
-The table is kept at most 75% full.
+entries: linear probing, backward-shift deletion (no tombstones), home slot
+from the high bits of MurmurHash3's fmix64 finalizer, which is independent of
+the routing hash. The low bits of an entry are the row slot; the bits above,
+up to the sign bit, are a tag from the low bits of the same hash. A probe
+compares keys only in slots whose tag matches. A table
+slot is free when it contains -1, so occupancy never depends on the key. The
+table is kept at most 75% full.
 
 Memory. Per shard, keys (uint64 [A]), rows (float32 [A, dim]), optimizer state
 (float32 [A, slot_width]) and the recency stamps (int64 [A]) are 64-byte
@@ -37,13 +40,15 @@ more (for example dim >= 22 with SGD, dim >= 11 with Adagrad).
 Speed. A lookup of an ID reads three random cache lines: the table slot, the
 key and the row. A training lookup also writes the row's stamp, a fourth, and
 an update reads and writes the row's optimizer state. The row slot comes from
-the table, so these misses form a chain, and at the 75% load limit about a
-third of the IDs are not in their home slot, so their probe reads the keys
-of further slots (one more random line each). Every kernel therefore first
-resolves the rows of all its IDs (`kernels._resolve_rows`): it computes the
-home slots, prefetches the table slot of the ID `kernels.PREFETCH_DISTANCE`
-positions ahead and the keys of the first three slots of the probe run of
-the ID half as far ahead, so the misses of many IDs overlap. A lookup's
+the table, so these misses form a chain. At the 75% load limit about a third
+of the IDs are not in their home slot; the tags let their probes skip the
+keys of the slots they pass (one random line each) but for a chance of
+2**-tag_bits per slot. Every kernel therefore first resolves the rows of all
+its IDs (`kernels._resolve_rows`): it computes the home slots and tags,
+prefetches the table slot of the ID `kernels.PREFETCH_DISTANCE` positions
+ahead and, among the first three slots of the probe run of the ID half as far
+ahead, the keys of those whose tag matches, so the misses of many IDs
+overlap. A lookup's
 second loop copies the rows and prefetches the now known row (and stamp) of
 the ID half as far ahead. An update sums the gradients of duplicate IDs in a
 small per-call hash map, then applies the optimizer to each unique row in
