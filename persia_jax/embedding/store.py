@@ -46,9 +46,8 @@ keys of the slots they pass (one random line each) but for a chance of
 2**-tag_bits per slot. Every kernel therefore first resolves the rows of all
 its IDs (`kernels._resolve_rows`): it computes the home slots and tags,
 prefetches the table slot of the ID `kernels.PREFETCH_DISTANCE` positions
-ahead and, among the first three slots of the probe run of the ID half as far
-ahead, the keys of those whose tag matches, so the misses of many IDs
-overlap. A lookup's
+ahead and the keys of the first three slots of the probe run of the ID half
+as far ahead, so the misses of many IDs overlap. A lookup's
 second loop copies the rows and prefetches the now known row (and stamp) of
 the ID half as far ahead. An update sums the gradients of duplicate IDs in a
 small per-call hash map, then applies the optimizer to each unique row in
