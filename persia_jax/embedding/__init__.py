@@ -1,6 +1,6 @@
 """The embedding side: the parameter-server store and the embedding worker.
 
-`EmbeddingStore` holds rows and sparse optimizer state on the host;
+`EmbeddingStore` keeps rows and sparse optimizer state on the host.
 `EmbeddingWorker` deduplicates, pools and compresses lookups for the dense step
 and turns pooled gradients back into per-ID gradients.
 """

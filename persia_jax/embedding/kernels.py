@@ -664,19 +664,11 @@ def count_insert_candidates(ids, positions, keys, table, admission_key,
   Counts the occurrences of `ids[positions]` that have no row and pass the
   admission probability (the minimum count is not checked).
   """
-  homes, tags = _homes(ids, positions, table.shape[0])
-  bits = _row_bits(table.shape[0])
-  k = positions.shape[0]
+  found = _resolve_rows(ids, positions, keys, table)
   candidates = 0
-  for j in range(k):
-    if j + PREFETCH_DISTANCE < k:
-      prefetch(table, homes[j + PREFETCH_DISTANCE])
-    if j + PREFETCH_DISTANCE // 2 < k:
-      half = j + PREFETCH_DISTANCE // 2
-      _prefetch_probe_keys(table, keys, bits, homes[half])
-    key = ids[positions[j]]
-    _, row = _find_from(table, keys, key, homes[j], tags[j], bits)
-    if row < 0 and _passes_admission(key, admission_key, admission_threshold):
+  for j in range(positions.shape[0]):
+    if found[j] < 0 and _passes_admission(ids[positions[j]], admission_key,
+                                          admission_threshold):
       candidates += 1
   return candidates
 

@@ -566,7 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     trainer = Trainer(config, workdir)
   except WorkdirInUseError:
-    raise  # The status file belongs to the run that holds the workdir.
+    raise  # The status file belongs to the run that has the workdir locked.
   except BaseException as error:
     if workdir_path.is_dir():
       _write_json(status_path, {"status": "failed", "message": f"{type(error).__name__}: {error}"})
