@@ -1,11 +1,14 @@
 """Plain numpy references for the embedding store, written for clarity, not speed.
 
-`initial_values` recomputes the seeded initial rows with Python integers, and
+`initial_values` recomputes the seeded initial rows with Python integers,
 `DenseReference` applies the sparse optimizers to a dense float64 table with
-whole-array numpy operations. Tests compare the store against them.
+whole-array numpy operations, and `LruReference` is an exact LRU cache of
+keys. Tests compare the store against them.
 """
 
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 
@@ -114,3 +117,27 @@ class DenseReference:
     if bound > 0:
       w = np.clip(w, -bound, bound)
     self.w[touched] = w
+
+
+class LruReference:
+  """An exact LRU cache of keys on an OrderedDict, touched once per occurrence."""
+
+  def __init__(self, capacity: int):
+    self.capacity = capacity
+    self.evictions = 0
+    self._keys = collections.OrderedDict()
+
+  def lookup(self, keys) -> None:
+    """Touches each key in order, inserting absent ones and evicting the oldest."""
+    for key in np.asarray(keys).tolist():
+      if key in self._keys:
+        self._keys.move_to_end(key)
+        continue
+      if len(self._keys) == self.capacity:
+        self._keys.popitem(last=False)
+        self.evictions += 1
+      self._keys[key] = True
+
+  def keys(self) -> list[int]:
+    """Returns the stored keys, least recently used first."""
+    return list(self._keys)

@@ -1,12 +1,11 @@
 """EmbeddingStore lookups, initial values, LRU eviction, admission, counters and input checks."""
 
-import collections
-
 import numpy as np
 import pytest
 
 from persia_jax.embedding import kernels
 from persia_jax.embedding import memory
+from persia_jax.embedding import store as store_module
 from persia_jax.embedding.store import EmbeddingStore
 from tests import numpy_reference
 
@@ -101,7 +100,7 @@ def test_output_and_shard_arrays_are_aligned():
   out = store.lookup(np.arange(100, dtype=np.uint64))
   assert memory.is_aligned(out)
   for shard in store._shards:  # pylint: disable=protected-access
-    for array in (shard.keys, shard.rows, shard.state, shard.links, shard.table):
+    for array in (shard.rows, shard.state, shard.table, shard.candidates):
       assert memory.is_aligned(array)
 
 
@@ -184,22 +183,16 @@ def test_lru_matches_ordered_dict_model():
   # evictions (which also exercise backward-shift deletion with wrap-around).
   capacity = 50
   store = EmbeddingStore(1, num_shards=1, capacity=capacity)
-  model = collections.OrderedDict()
+  model = numpy_reference.LruReference(capacity)
   rng = np.random.default_rng(7)
   for _ in range(200):
     batch = rng.integers(0, 200, rng.integers(1, 30)).astype(np.uint64)
     store.lookup(batch)
-    for key in batch.tolist():
-      if key in model:
-        model.move_to_end(key)
-      else:
-        if len(model) == capacity:
-          model.popitem(last=False)
-        model[key] = True
+    model.lookup(batch)
     if rng.random() < 0.3:  # Eval lookups and updates must not change the order.
       store.lookup(batch[::-1], train=False)
       store.apply_gradients(batch, np.zeros((batch.size, 1), np.float32))
-    assert _stored_ids_lru_first(store) == list(model)
+    assert _stored_ids_lru_first(store) == model.keys()
 
 
 def test_routing_is_splitmix64_modulo_shards():
@@ -315,13 +308,14 @@ def test_distinct_ids_estimate_is_close():
   assert abs(store.stats()["distinct_ids_seen"] - 50000) < 2500
 
 
-def test_unbounded_store_keeps_no_recency_links():
+def test_unbounded_store_keeps_no_eviction_candidates():
   store = EmbeddingStore(16, num_shards=2, optimizer={"name": "sgd"})
   store.lookup(np.arange(3000, dtype=np.uint64))
   for shard in store._shards:  # pylint: disable=protected-access
-    assert shard.links.shape == (0, 2)
-  # Without links the index is 8 (key) + 4 / 0.75 (table) bytes per row.
-  assert store.bytes_per_row() <= 1.25 * 64 + 4096 * 2 / 3000
+    assert shard.candidates.shape == (0, 2)
+  # The index is one 16-byte table slot (key, stamp and row) per 0.8 rows,
+  # at most; the arrays grow by 1.25x, so up to 20% of the rows are spare.
+  assert store.bytes_per_row() <= (64 + 16 / kernels.MAX_LOAD) / 0.8 + 4096 * 2 / 3000
 
 
 def test_bytes_per_row_at_full_table():
@@ -354,6 +348,12 @@ def test_negative_ids_rejected():
 def test_non_integer_ids_rejected(ids):
   with pytest.raises(TypeError, match="integer array"):
     EmbeddingStore(3).lookup(ids)
+
+
+def test_oversized_call_rejected(monkeypatch):
+  monkeypatch.setattr(store_module, "_MAX_CALL_IDS", 4)
+  with pytest.raises(ValueError, match="ids has 5 entries; one call takes at most 4"):
+    EmbeddingStore(2).lookup(np.arange(5, dtype=np.uint64))
 
 
 def test_two_dimensional_ids_rejected():

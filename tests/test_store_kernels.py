@@ -1,11 +1,11 @@
 """Tests of the store's speed-oriented kernels against plain Python and numpy references.
 
-Covers the counting-sort shard routing, the exact LRU eviction built on
-recency stamps and a candidate buffer, the distinct-ID counting that skips
+Covers the counting-sort shard routing, the per-call deduplication that
+groups distinct IDs by shard (and sums their gradients), the exact LRU
+eviction built on recency stamps and a candidate buffer, the distinct-ID counting that skips
 hits, and the lock-order-free shard scheduling of concurrent calls.
 """
 
-import collections
 import threading
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 
 from persia_jax.embedding import kernels
 from persia_jax.embedding.store import EmbeddingStore
+from tests import numpy_reference
 
 _EDGE_IDS = np.array([0, 1, 2**63, 2**64 - 1], np.uint64)
 
@@ -39,20 +40,13 @@ def test_route_of_no_ids_is_empty():
 
 
 def _reference_lru(batches, capacities, shard_of):
-  """Plain-Python exact LRU per shard; returns the keys per shard, LRU first."""
-  caches = [collections.OrderedDict() for _ in capacities]
-  evictions = 0
+  """Exact LRU per shard; returns the keys per shard (LRU first) and the evictions."""
+  caches = [numpy_reference.LruReference(capacity) for capacity in capacities]
   for batch in batches:
-    for key, s in zip(batch.tolist(), shard_of(batch).tolist()):
-      cache = caches[s]
-      if key in cache:
-        cache.move_to_end(key)
-        continue
-      if len(cache) == capacities[s]:
-        cache.popitem(last=False)
-        evictions += 1
-      cache[key] = True
-  return [list(cache) for cache in caches], evictions
+    shards = shard_of(batch)
+    for s, cache in enumerate(caches):
+      cache.lookup(batch[shards == s])
+  return [cache.keys() for cache in caches], sum(cache.evictions for cache in caches)
 
 
 @pytest.mark.parametrize("num_shards,capacity", [(1, 40), (3, 100)])
@@ -137,3 +131,54 @@ def test_concurrent_calls_match_serial_calls():
   # SGD updates commute up to float rounding.
   np.testing.assert_allclose(parallel.lookup(keys, train=False),
                              serial.lookup(keys, train=False), rtol=1e-5, atol=1e-6)
+
+
+def _shards_numpy(ids: np.ndarray, num_shards: int) -> np.ndarray:
+  return (kernels.splitmix64_numpy(ids) % np.uint64(num_shards)).astype(np.int64)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 4])
+def test_dedup_route_matches_numpy(num_shards):
+  ids = np.concatenate([_random_ids(5, 3000, 700), _EDGE_IDS, _EDGE_IDS[::-1]])
+  positions, lasts, counts, bounds, source = kernels.dedup_route(ids, num_shards)
+  unique, first, inverse, count = np.unique(ids, return_index=True, return_inverse=True,
+                                            return_counts=True)
+  last = ids.shape[0] - 1 - np.unique(ids[::-1], return_index=True)[1]
+  # Distinct IDs in order of first occurrence, then grouped by shard (stable).
+  by_first = np.argsort(first)
+  shard = _shards_numpy(unique[by_first], num_shards)
+  order = by_first[np.argsort(shard, kind="stable")]
+  np.testing.assert_array_equal(positions, first[order])
+  np.testing.assert_array_equal(lasts, last[order])
+  np.testing.assert_array_equal(counts, count[order])
+  expected_bounds = np.concatenate([[0], np.cumsum(np.bincount(shard, minlength=num_shards))])
+  np.testing.assert_array_equal(bounds, expected_bounds)
+  np.testing.assert_array_equal(source, first[inverse])
+
+
+@pytest.mark.parametrize("num_shards", [1, 4])
+def test_dedup_sum_route_matches_numpy(num_shards):
+  ids = _random_ids(6, 2000, 300)
+  grads = np.random.default_rng(6).normal(0, 1, (ids.shape[0], 3)).astype(np.float32)
+  unique, summed, positions, counts, bounds = kernels.dedup_sum_route(ids, grads, num_shards)
+  first_unique, first, inverse, count = np.unique(
+      ids, return_index=True, return_inverse=True, return_counts=True)
+  by_first = np.argsort(first)
+  np.testing.assert_array_equal(unique, first_unique[by_first])
+  # np.add.at adds in index order, the arrival order the kernel sums in.
+  expected = np.zeros((first_unique.shape[0], 3), np.float32)
+  np.add.at(expected, inverse, grads)
+  np.testing.assert_array_equal(summed, expected[by_first])
+  shard = _shards_numpy(unique, num_shards)
+  np.testing.assert_array_equal(positions, np.argsort(shard, kind="stable"))
+  np.testing.assert_array_equal(counts, count[by_first][positions])
+  assert bounds[-1] == unique.shape[0]
+
+
+def test_copy_duplicates_fills_repeats_from_first_occurrence():
+  ids = np.array([5, 7, 5, 9, 7, 5], np.uint64)
+  *_, source = kernels.dedup_route(ids, 1)
+  out = np.zeros((6, 2), np.float32)
+  out[[0, 1, 3]] = [[1, 1], [2, 2], [3, 3]]
+  kernels.copy_duplicates(out, source)
+  np.testing.assert_array_equal(out[:, 0], [1, 2, 1, 3, 2, 1])

@@ -1,39 +1,41 @@
 """Compiled (numba, `nogil`) kernels behind `EmbeddingStore`.
 
-Every kernel works on the arrays of one shard and is called with that shard's
-lock held. The kernels release the GIL, so threads that work on different
-shards run in parallel.
+The shard kernels work on the arrays of one shard and are called with that
+shard's lock held; the per-call kernels (deduplication, routing, copies) work
+on a call's own arrays and need no lock. All of them release the GIL, so
+threads that work on different shards or calls run in parallel.
 
 Shard arrays (`A` allocated rows, `T` table slots, `S` optimizer slot width):
-  keys:   uint64 [A], the ID stored in each row slot. Slots [0, used) are used.
   rows:   float32 [A, dim], embedding rows.
   state:  float32 [A, S], optimizer state of each row.
-  stamps: int64 [A], the recency of each row: the shard's clock value at the
-          row's last training lookup (or insert). Clock values are unique and
-          increasing, so the least recently used row is the one with the
-          smallest stamp. A touch is one store, where a doubly linked list
-          would also rewrite two random neighbour rows (two more cache misses).
-          A shard without a capacity limit never evicts, so it tracks no
-          recency and its stamps array is empty ([0]), which saves 8 bytes
-          per row.
-  candidates: int32 [K], eviction candidates: the rows that had the K
-          smallest stamps when the buffer was filled, in stamp order (see
-          `_next_victim`). Empty when recency is not tracked.
-  table:  int32 [T], open-addressing map from hash slot to entry, -1 for an
-          empty slot. The low b = bit_length(T) bits of an entry are the row
-          slot; the 31 - b bits above are a tag, the low bits of fmix64(key).
-          A probe reads the key of a slot (a random cache line) only when the
-          tag matches. A shard of 2.5 M rows has 9 tag bits. Occupancy lives here, not in the keys, so every
-          uint64 value (0 and 2**64 - 1 included) is a valid key.
+  table:  uint64 [T, 2], open-addressing map from ID to row. Word 0 of a slot
+          is the key; word 1 is the entry (stamp << 32) | row, or EMPTY.
+          Occupancy lives in the entry, not in the key, so every uint64
+          value (0 and 2**64 - 1 included) is a valid key. A lookup reads
+          one table line (key, row and stamp together) and then the row.
+          The stamp is the row's recency: the shard's clock value at its last
+          training lookup (or insert). Stamps are unique, so the least
+          recently used row has the smallest stamp. A touch is one store
+          into the line the probe has already read.
+  candidates: uint64 [K, 2], eviction candidates: key and stamp of the K
+          entries with the smallest stamps when the buffer was filled, in
+          stamp order (see `_next_victim`). Empty without a capacity.
   meta:   int64 [META_SIZE]: used rows, recency clock, admission-sketch
           increments since the last halving, next and end index into
-          `candidates`, largest stamp in the candidate buffer when filled.
+          `candidates`.
   counters: int64 [NUM_COUNTERS], see the COUNTER_NAMES tuple.
 
 The map uses linear probing with backward-shift deletion (no tombstones), and
 the home slot of a key is `(fmix64(key) >> 32) * T >> 32`, so the table size
 need not be a power of two. Routing across shards uses splitmix64 instead, so
-the two hashes are independent.
+the two hashes are independent. The clock is 32 bits: when a call would pass
+MAX_STAMP, the stamps are renumbered by rank (`_renumber_stamps`), which keeps
+their order.
+
+Calls work once per distinct ID: `dedup_route` and `dedup_sum_route`
+deduplicate a call's IDs in a small per-call hash table and group the
+distinct IDs by shard, and the shard kernels then probe the shard table once
+per distinct ID.
 
 All uint64 arithmetic uses np.uint64 constants, because numba turns a mix of
 uint64 and int64 operands into float64.
@@ -68,9 +70,15 @@ ADMISSION_SALT = 0xA5A5_0F0F_3C3C_9696
 SKETCH_SALT = 0x5EED_C0DE_0BAD_F00D
 DISTINCT_SALT = 0xD157_1AC7_1D5E_E000
 
-META_SIZE = 6
+META_SIZE = 5
 META_USED, META_CLOCK, META_SKETCH_ADDS = 0, 1, 2
-META_CANDIDATE_NEXT, META_CANDIDATE_END, META_CANDIDATE_LIMIT = 3, 4, 5
+META_CANDIDATE_NEXT, META_CANDIDATE_END = 3, 4
+
+# Table entries: word 1 of a slot is (stamp << 32) | row, or EMPTY.
+EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_ROW_MASK = np.uint64(0xFFFF_FFFF)
+# Largest recency stamp; the stamp field of EMPTY (2**32 - 1) is never used.
+MAX_STAMP = 2**32 - 2
 
 COUNTER_NAMES = (
     "hits",                  # training lookups that found their row
@@ -92,7 +100,7 @@ NUM_COUNTERS = len(COUNTER_NAMES)
 DISTINCT_REGISTER_BITS = 12
 DISTINCT_REGISTERS = 1 << DISTINCT_REGISTER_BITS
 
-# Table load factor limit: 4 bytes per slot / 0.75 = 5.3 index bytes per row.
+# Table load factor limit: 16 bytes per slot / 0.75 = 21.3 index bytes per row.
 MAX_LOAD = 0.75
 
 _jit = numba.njit(nogil=True, cache=True)
@@ -100,15 +108,15 @@ _jit = numba.njit(nogil=True, cache=True)
 # IR level, so the loop body is one function for LLVM to optimize.
 _inline_jit = numba.njit(nogil=True, cache=True, inline="always")
 
-# How many IDs ahead the lookup and update kernels prefetch. A probe is a chain
-# of cache misses: the table slot, then the keys of the slots it passes, then
-# the row. `_resolve_rows` prefetches the table slot PREFETCH_DISTANCE IDs
-# ahead and the keys of the first slots of the probe run half as far ahead, so
-# the misses of many IDs overlap. The lookups then prefetch the resolved row
-# (and stamp) of the ID half as far ahead, the update pass the row and state
-# of the unique row PREFETCH_DISTANCE ahead. 16 and 32 measured within noise
-# of each other for the probes, 64 was slower (10 M x 16 table, 65,536 IDs);
-# for the resolved rows 16, 32 and 64 IDs ahead were within noise.
+# How many IDs ahead the lookup and update kernels prefetch. A lookup is a
+# chain of two cache misses, the table line and then the row. `_resolve`
+# prefetches the table line of the ID PREFETCH_DISTANCE positions ahead, so the
+# misses of many IDs overlap. The lookups then prefetch the resolved row of the
+# ID half as far ahead (training lookups also its table line, whose stamp they
+# write), and the update pass the row and state PREFETCH_DISTANCE ahead. 16
+# and 32 measured within noise of each other, 64 was slower (10 M x 16 table,
+# 65,536 IDs). A single pipelined loop that overlaps the table and row misses
+# measured no faster than the two passes.
 PREFETCH_DISTANCE = 32
 
 
@@ -136,19 +144,14 @@ def _prefetch_codegen(context, builder, signature, args):
 
 
 @intrinsic
-def prefetch(typingctx, array, index):  # pylint: disable=unused-argument
-  """Hints the CPU to load `array[index]` (1-D) into cache; never faults.
+def prefetch2(typingctx, array, row, column):  # pylint: disable=unused-argument
+  """Hints the CPU to load `array[row, column]` (2-D) into cache; never faults.
 
   LLVM's prefetch instruction does not trap on any address, so an index past
   the end is harmless, which lets the kernels skip bounds checks on hints.
   """
-  return types.void(array, index), _prefetch_codegen
-
-
-@intrinsic
-def prefetch2(typingctx, array, row, column):  # pylint: disable=unused-argument
-  """Hints the CPU to load `array[row, column]` (2-D) into cache; never faults."""
   return types.void(array, row, column), _prefetch_codegen
+
 
 
 # ----------------------------------------------------------------------------
@@ -225,147 +228,196 @@ def initial_values(ids, seed_key, init_scale, out):
 
 
 @_inline_jit
-def _row_bits(table_size):
-  """Returns the low bits of a table entry that hold the row slot.
-
-  Row slots are below the table size, so bit_length(table_size) bits hold
-  any of them; the remaining bits up to the sign bit hold the tag.
-  """
-  bits = 1
-  while bits < 31 and (1 << bits) <= table_size:
-    bits += 1
-  return bits
+def _entry(stamp, row):
+  """Packs a recency stamp (< 2**32 - 1) and a row slot (< 2**31) into an entry."""
+  return (_U(stamp) << _S32) | _U(row)
 
 
 @_inline_jit
-def _tag(key, bits):
-  """Returns the tag bits of `key`'s table entry (low fmix64 bits, shifted).
+def _entry_row(entry):
+  return np.int64(entry & _ROW_MASK)
 
-  The home slot comes from the high 32 bits of the same hash, so tag and
-  home are independent.
-  """
-  return np.int64(fmix64(key) & _U((1 << (31 - bits)) - 1)) << bits
+
+@_inline_jit
+def _entry_stamp(entry):
+  return np.int64(entry >> _S32)
+
+
+@_inline_jit
+def _find_from(table, key, slot):
+  """Returns (slot, row) of `key` probing from `slot`: its slot and row, or the
+  empty slot that ends its probe run and -1."""
+  size = table.shape[0]
+  while True:
+    entry = table[slot, 1]
+    if entry == EMPTY:
+      return slot, -1
+    if table[slot, 0] == key:
+      return slot, _entry_row(entry)
+    slot += 1
+    if slot == size:
+      slot = 0
 
 
 @_jit
-def _find(table, keys, key):
+def _find(table, key):
   """Returns (slot, row): the key's slot and row, or the empty slot and -1."""
-  bits = _row_bits(table.shape[0])
-  return _find_from(table, keys, key, _home(key, table.shape[0]), _tag(key, bits), bits)
+  return _find_from(table, key, _home(key, table.shape[0]))
 
 
 @_jit
-def _delete_slot(table, keys, slot):
+def _delete_slot(table, slot):
   # Backward-shift deletion: pull later entries of the probe run into the hole
   # unless their home slot lies cyclically in (hole, entry].
   size = table.shape[0]
-  row_mask = (1 << _row_bits(size)) - 1
   hole = slot
   j = slot
   while True:
     j += 1
     if j == size:
       j = 0
-    entry = table[j]
-    if entry < 0:
+    entry = table[j, 1]
+    if entry == EMPTY:
       break
-    home = _home(keys[entry & row_mask], size)
+    home = _home(table[j, 0], size)
     if hole <= j:
       stays = hole < home <= j
     else:
       stays = home > hole or home <= j
     if not stays:
-      table[hole] = entry
+      table[hole, 0] = table[j, 0]
+      table[hole, 1] = entry
       hole = j
-  table[hole] = -1
+  table[hole, 1] = EMPTY
 
 
 @_jit
-def _touch(row, stamps, meta):
-  """Marks `row` as the most recently used (no-op without recency tracking)."""
-  if stamps.shape[0] > 0:
-    clock = meta[META_CLOCK]
-    stamps[row] = clock
-    meta[META_CLOCK] = clock + 1
+def _insert_entry(table, key, stamp, row):
+  """Enters absent `key` with its stamp and row; the table must have a free slot."""
+  slot, _ = _find(table, key)
+  table[slot, 0] = key
+  table[slot, 1] = _entry(stamp, row)
 
 
 @_jit
-def _refill_candidates(stamps, candidates, meta):
-  """Fills `candidates` with the rows of the smallest stamps, in stamp order.
+def rebuild_table(table, old_table):
+  """Fills `table` (larger than the entries of `old_table`) with every entry of `old_table`."""
+  table[:, 1] = EMPTY
+  for slot in range(old_table.shape[0]):
+    entry = old_table[slot, 1]
+    if entry != EMPTY:
+      target, _ = _find(table, old_table[slot, 0])
+      table[target, 0] = old_table[slot, 0]
+      table[target, 1] = entry
 
-  O(used) selection plus a sort of the K selected rows, once per K evictions.
-  """
-  used = meta[META_USED]
-  count = min(candidates.shape[0], used)
-  limit = np.partition(stamps[:used], count - 1)[count - 1]
-  selected = np.empty(count, np.int32)
-  selected_stamps = np.empty(count, np.int64)
+
+@_jit
+def _occupied(table, used):
+  """Returns int64 [used] slots of `table` that hold an entry, in slot order."""
+  slots = np.empty(used, np.int64)
   found = 0
-  for row in range(used):
-    if stamps[row] <= limit:
-      selected[found] = row
-      selected_stamps[found] = stamps[row]
+  for slot in range(table.shape[0]):
+    if table[slot, 1] != EMPTY:
+      slots[found] = slot
       found += 1
-  order = np.argsort(selected_stamps)
-  for i in range(count):
-    candidates[i] = selected[order[i]]
+  return slots[:found]
+
+
+@_jit
+def _renumber_stamps(table, candidates, meta):
+  """Replaces every stamp by its rank among the shard's stamps; keeps the order.
+
+  Runs when the clock would pass MAX_STAMP: once per about 2**32 - rows
+  clock steps, an O(rows log rows) sort. Empties the candidate buffer,
+  whose stamps it changes.
+  """
+  slots = _occupied(table, meta[META_USED])
+  stamps = np.empty(slots.shape[0], np.int64)
+  for i in range(slots.shape[0]):
+    stamps[i] = _entry_stamp(table[slots[i], 1])
+  order = np.argsort(stamps)
+  for rank in range(order.shape[0]):
+    slot = slots[order[rank]]
+    table[slot, 1] = _entry(rank, _entry_row(table[slot, 1]))
+  meta[META_CLOCK] = order.shape[0]
+  meta[META_CANDIDATE_NEXT] = meta[META_CANDIDATE_END]
+
+
+@_jit
+def reserve_clock(table, candidates, meta, steps):
+  """Makes room for `steps` more clock values below MAX_STAMP; returns the clock."""
+  if meta[META_CLOCK] + steps > MAX_STAMP:
+    _renumber_stamps(table, candidates, meta)
+  return meta[META_CLOCK]
+
+
+@_jit
+def _refill_candidates(table, candidates, meta):
+  """Fills `candidates` with the keys and stamps of the K smallest stamps, in stamp order.
+
+  O(table) selection plus a sort of the K selected entries, once per K
+  evictions.
+  """
+  slots = _occupied(table, meta[META_USED])
+  count = min(candidates.shape[0], slots.shape[0])
+  stamps = np.empty(slots.shape[0], np.int64)
+  for i in range(slots.shape[0]):
+    stamps[i] = _entry_stamp(table[slots[i], 1])
+  limit = np.partition(stamps, count - 1)[count - 1]
+  selected = np.empty(count, np.int64)
+  found = 0
+  for i in range(slots.shape[0]):
+    if stamps[i] <= limit and found < count:
+      selected[found] = i
+      found += 1
+  order = np.argsort(stamps[selected])
+  for rank in range(count):
+    i = selected[order[rank]]
+    candidates[rank, 0] = table[slots[i], 0]
+    candidates[rank, 1] = _U(stamps[i])
   meta[META_CANDIDATE_NEXT] = 0
   meta[META_CANDIDATE_END] = count
-  meta[META_CANDIDATE_LIMIT] = limit
 
 
 @_jit
-def _next_victim(stamps, candidates, meta):
-  """Returns the least recently used row, exactly.
+def _next_victim(table, candidates, meta):
+  """Returns (slot, row) of the least recently used entry, exactly.
 
-  The buffer holds the rows whose stamps were the K smallest when it was
-  filled, in stamp order. A row touched since then has a stamp above the
-  buffer's limit and is skipped; a row that was not touched keeps its stamp,
-  and every row outside the buffer had (and, since touches only raise stamps,
-  still has) a larger one. So the first untouched row left in the buffer has
-  the smallest stamp of the shard.
+  The buffer contains the keys and stamps of the K smallest stamps when it was
+  filled, in stamp order. An entry whose stamp changed since (a touch) or
+  that is gone is skipped. Stamps are unique and a touch only raises one,
+  so every entry outside the buffer had, and still has, a larger stamp than
+  each untouched buffer entry, and the first untouched entry left in the
+  buffer has the smallest stamp of the shard.
   """
   while True:
     if meta[META_CANDIDATE_NEXT] >= meta[META_CANDIDATE_END]:
-      _refill_candidates(stamps, candidates, meta)
-    row = candidates[meta[META_CANDIDATE_NEXT]]
-    meta[META_CANDIDATE_NEXT] += 1
-    if stamps[row] <= meta[META_CANDIDATE_LIMIT]:
-      return row
+      _refill_candidates(table, candidates, meta)
+    i = meta[META_CANDIDATE_NEXT]
+    meta[META_CANDIDATE_NEXT] = i + 1
+    slot, row = _find(table, candidates[i, 0])
+    if row >= 0 and _U(_entry_stamp(table[slot, 1])) == candidates[i, 1]:
+      return slot, row
 
 
 @_jit
-def _claim_row(key, keys, table, stamps, candidates, meta, capacity, counters):
-  """Returns a row slot for absent `key`, evicting the LRU row when full.
+def _claim_row(key, stamp, table, candidates, meta, capacity, counters):
+  """Returns a row slot for absent `key`, evicting the LRU entry when full.
 
   The caller has checked that `key` is absent and that the arrays hold at
-  least min(capacity, used + 1) rows. The row is stamped as most recent and
-  entered into the table, but its values are left for the caller to write.
+  least min(capacity, used + 1) rows. The key is entered with `stamp`, but
+  the row's values are left for the caller to write.
   """
   used = meta[META_USED]
   if used < capacity:
     row = used
     meta[META_USED] = used + 1
   else:
-    row = _next_victim(stamps, candidates, meta)
-    slot, _ = _find(table, keys, keys[row])
-    _delete_slot(table, keys, slot)
+    slot, row = _next_victim(table, candidates, meta)
+    _delete_slot(table, slot)
     counters[C_EVICTIONS] += 1
-  keys[row] = key
-  slot, _ = _find(table, keys, key)
-  table[slot] = _tag(key, _row_bits(table.shape[0])) | row
-  _touch(row, stamps, meta)
+  _insert_entry(table, key, stamp, row)
   return row
-
-
-@_jit
-def rebuild_table(table, keys, used):
-  """Refills `table` (any size > used) with row slots [0, used)."""
-  table[:] = -1
-  bits = _row_bits(table.shape[0])
-  for row in range(used):
-    slot, _ = _find(table, keys, keys[row])
-    table[slot] = _tag(keys[row], bits) | row
 
 
 # ----------------------------------------------------------------------------
@@ -479,40 +531,201 @@ def route(ids, num_shards):
   return positions, bounds
 
 
-@_inline_jit
-def _find_from(table, keys, key, slot, tag, bits):
-  """Like `_find`, from the precomputed home `slot` and `tag` of `key`.
+# Local (per-call) deduplication tables hash with Fibonacci multiply-shift:
+# one multiply, the top bits. They hold at most n entries in 2n or more slots
+# and stay in cache, so a cheaper hash than fmix64 suffices.
+_FIBONACCI = GOLDEN_GAMMA
 
-  Only a slot whose tag matches reads its row's key, a random cache line.
-  With b tag bits, another key's slot matches with probability 2**-b.
+
+@_inline_jit
+def local_table(n):
+  """Returns (int32 slots filled with -1, mask, shift) for at most n entries."""
+  bits = 4
+  while (1 << bits) < 2 * n:
+    bits += 1
+  return np.full(1 << bits, -1, np.int32), (1 << bits) - 1, _U(64 - bits)
+
+
+@_inline_jit
+def local_find(slots, mask, shift, unique, key):
+  """Returns (slot, index) of `key` in a per-call table of indices into `unique`.
+
+  `index` is -1 when the key is absent, and `slot` is then the empty slot to
+  put its index in.
   """
-  size = table.shape[0]
-  row_mask = (1 << bits) - 1
+  slot = np.int64((key * _FIBONACCI) >> shift)
   while True:
-    entry = table[slot]
-    if entry < 0:
-      return slot, -1
-    if (entry & ~row_mask) == tag and keys[entry & row_mask] == key:
-      return slot, entry & row_mask
-    slot += 1
-    if slot == size:
-      slot = 0
+    index = slots[slot]
+    if index < 0 or unique[index] == key:
+      return slot, index
+    slot = (slot + 1) & mask
+
+
+@_inline_jit
+def _shard_index(key, num_shards, power_of_two):
+  if num_shards == 1:
+    return 0
+  h = splitmix64(key)
+  # A mask equals the modulo for a power of two and avoids a 64-bit division.
+  if power_of_two:
+    return np.int64(h & _U(num_shards - 1))
+  return np.int64(h % _U(num_shards))
+
+
+@_inline_jit
+def _group_by_shard(shard_of, bounds, u):
+  """Returns int64 [u] the place of each distinct ID when grouped by shard.
+
+  On entry `bounds[s + 1]` is the count of shard s; on return it is the end
+  of the shard's group. IDs keep their order within a shard.
+  """
+  for s in range(bounds.shape[0] - 1):
+    bounds[s + 1] += bounds[s]
+  cursor = bounds[:-1].copy()
+  place = np.empty(u, np.int64)
+  for v in range(u):
+    s = shard_of[v]
+    place[v] = cursor[s]
+    cursor[s] += 1
+  return place
+
+
+@_jit
+def dedup_route(ids, num_shards):
+  """Deduplicates `ids` and groups the first occurrence of each distinct ID by shard.
+
+  The shard kernels then work once per distinct ID: they write the row of the
+  first occurrence, and `copy_duplicates` fills the other occurrences.
+
+  Args:
+    ids: uint64 [n].
+    num_shards: int, >= 1; the shard of an ID is `splitmix64(id) % num_shards`.
+
+  Returns:
+    positions: int64 [u], the first occurrence of each distinct ID, grouped
+      by shard and ascending within a shard.
+    lasts: int64 [u], the last occurrence of the ID at the same index of
+      `positions`.
+    counts: int32 [u], the occurrences of that ID.
+    bounds: int64 [num_shards + 1]; shard s owns [bounds[s], bounds[s + 1]).
+    source: int32 [n], the first occurrence of `ids[i]` for every i.
+  """
+  n = ids.shape[0]
+  slots, mask, shift = local_table(n)
+  unique = np.empty(n, np.uint64)
+  # Per distinct ID (first occurrence, last occurrence, count, shard) in one
+  # 16-byte record, so that a repeated ID touches one line besides its slot
+  # and key. The scratch arrays of a call stay near 30 bytes per ID, because
+  # the rows and table lines the shard kernels read next share the cache.
+  record = np.empty((n, 4), np.int32)
+  source = np.empty(n, np.int32)
+  bounds = np.zeros(num_shards + 1, np.int64)
+  power_of_two = (num_shards & (num_shards - 1)) == 0
+  u = 0
+  for i in range(n):
+    key = ids[i]
+    slot, index = local_find(slots, mask, shift, unique, key)
+    if index < 0:
+      slots[slot] = u
+      unique[u] = key
+      s = _shard_index(key, num_shards, power_of_two)
+      record[u, 0] = i
+      record[u, 1] = i
+      record[u, 2] = 1
+      record[u, 3] = s
+      bounds[s + 1] += 1
+      source[i] = i
+      u += 1
+    else:
+      record[index, 1] = i
+      record[index, 2] += 1
+      source[i] = record[index, 0]
+  place = _group_by_shard(record[:u, 3], bounds, u)
+  positions = np.empty(u, np.int64)
+  lasts = np.empty(u, np.int64)
+  counts = np.empty(u, np.int32)
+  for v in range(u):
+    c = place[v]
+    positions[c] = record[v, 0]
+    lasts[c] = record[v, 1]
+    counts[c] = record[v, 2]
+  return positions, lasts, counts, bounds, source
+
+
+@_jit
+def copy_duplicates(out, source):
+  """Copies `out[source[i]]` into `out[i]` wherever `source[i] != i`."""
+  dim = out.shape[1]
+  for i in range(out.shape[0]):
+    s = source[i]
+    if s != i:
+      for c in range(dim):
+        out[i, c] = out[s, c]
+
+
+@_jit
+def dedup_sum_route(ids, grads, num_shards):
+  """Sums the gradients of duplicate IDs and groups the distinct IDs by shard.
+
+  Gradients are summed in arrival order, so the result does not depend on the
+  shard count.
+
+  Args:
+    ids: uint64 [n].
+    grads: float32 [n, dim].
+    num_shards: int, >= 1.
+
+  Returns:
+    unique: uint64 [u], the distinct IDs in order of first occurrence.
+    summed: float32 [u, dim], the summed gradient of each.
+    positions: int64 [u], indices into `unique` grouped by shard.
+    counts: int32 [u], the occurrences of `unique[positions[j]]`.
+    bounds: int64 [num_shards + 1]; shard s owns [bounds[s], bounds[s + 1]).
+  """
+  n = ids.shape[0]
+  dim = grads.shape[1]
+  slots, mask, shift = local_table(n)
+  unique = np.empty(n, np.uint64)
+  summed = np.empty((n, dim), np.float32)
+  count = np.empty(n, np.int32)
+  shard_of = np.empty(n, np.int32)
+  bounds = np.zeros(num_shards + 1, np.int64)
+  power_of_two = (num_shards & (num_shards - 1)) == 0
+  u = 0
+  for i in range(n):
+    key = ids[i]
+    slot, index = local_find(slots, mask, shift, unique, key)
+    if index < 0:
+      slots[slot] = u
+      unique[u] = key
+      count[u] = 1
+      for c in range(dim):
+        summed[u, c] = grads[i, c]
+      s = _shard_index(key, num_shards, power_of_two)
+      shard_of[u] = s
+      bounds[s + 1] += 1
+      u += 1
+    else:
+      count[index] += 1
+      for c in range(dim):
+        summed[index, c] += grads[i, c]
+  place = _group_by_shard(shard_of, bounds, u)
+  positions = np.empty(u, np.int64)
+  counts = np.empty(u, np.int32)
+  for v in range(u):
+    positions[place[v]] = v
+    counts[place[v]] = count[v]
+  return unique[:u], summed[:u], positions, counts, bounds
 
 
 @_jit
 def _homes(ids, positions, table_size):
-  """Returns int64 [k] home slots and int64 [k] tags of `ids[positions]`."""
+  """Returns int64 [k] home slots of `ids[positions]`."""
   k = positions.shape[0]
-  bits = _row_bits(table_size)
   homes = np.empty(k, np.int64)
-  tags = np.empty(k, np.int64)
-  tag_mask = _U((1 << (31 - bits)) - 1)
   for j in range(k):
-    # One hash for both, as `_home` and `_tag` compute them.
-    h = fmix64(ids[positions[j]])
-    homes[j] = np.int64(((h >> _S32) * _U(table_size)) >> _S32)
-    tags[j] = np.int64(h & tag_mask) << bits
-  return homes, tags
+    homes[j] = _home(ids[positions[j]], table_size)
+  return homes
 
 
 @_inline_jit
@@ -522,70 +735,49 @@ def _prefetch_rows(array, row):
     prefetch2(array, row, c)
 
 
-# Slots of a probe run whose keys the lookup and update kernels prefetch. At
-# the 75% load limit about 63% of the rows sit in their home slot, 15% one
-# slot later and 7% two slots later (10 M rows in 4 shards, measured).
-_PROBE_PREFETCH_SLOTS = 3
-
-
-@_inline_jit
-def _prefetch_probe_keys(table, keys, bits, home):
-  # Prefetches the keys of the first slots of the probe run from `home`,
-  # stopping at an empty slot, where the probe would stop too. It does not
-  # skip the slots whose tag differs, although the probe reads no key there:
-  # that test adds a data-dependent branch, and it measured slower (lookups
-  # and updates of a 1 M x 64 table), while at 10 M x 16 both ran alike.
-  size = table.shape[0]
-  row_mask = (1 << bits) - 1
-  slot = home
-  for _ in range(_PROBE_PREFETCH_SLOTS):
-    entry = table[slot]
-    if entry < 0:
-      return
-    prefetch(keys, entry & row_mask)
-    slot += 1
-    if slot == size:
-      slot = 0
-
-
 @_jit
-def _resolve_rows(ids, positions, keys, table):
-  """Returns int32 [k] row slots of `ids[positions]`, -1 for an absent ID.
+def _resolve(ids, positions, table):
+  """Returns int64 [k] slots and int32 [k] rows of `ids[positions]` (row -1: absent).
 
   The probes of different IDs are independent, so their cache misses overlap:
-  the table slot of the ID `PREFETCH_DISTANCE` positions ahead is prefetched,
-  and the keys of the first slots of the probe run of the ID half as far
-  ahead, whose table line is cached by then. Prefetching only the key of the
-  home slot would leave every probe that moves on with a key miss it waits
-  for.
+  the table line of the home slot of the ID `PREFETCH_DISTANCE` positions
+  ahead is prefetched.
   """
-  homes, tags = _homes(ids, positions, table.shape[0])
-  bits = _row_bits(table.shape[0])
+  homes = _homes(ids, positions, table.shape[0])
   k = positions.shape[0]
+  slots = np.empty(k, np.int64)
   found = np.empty(k, np.int32)
   for j in range(k):
     if j + PREFETCH_DISTANCE < k:
-      prefetch(table, homes[j + PREFETCH_DISTANCE])
-    if j + PREFETCH_DISTANCE // 2 < k:
-      half = j + PREFETCH_DISTANCE // 2
-      _prefetch_probe_keys(table, keys, bits, homes[half])
-    _, row = _find_from(table, keys, ids[positions[j]], homes[j], tags[j], bits)
+      prefetch2(table, homes[j + PREFETCH_DISTANCE], 0)
+    slot, row = _find_from(table, ids[positions[j]], homes[j])
+    slots[j] = slot
     found[j] = row
-  return found
+  return slots, found
 
 
 @_jit
-def lookup_train(ids, positions, out, keys, rows, state, state_init, stamps,
-                 candidates, table, meta, counters, capacity, seed_key, init_scale, admission_key,
-                 admission_threshold, min_count, sketch, sketch_key, sketch_period,
-                 distinct, distinct_key, distinct_on_hits):
+def lookup_train(ids, positions, lasts, counts, out, rows, state, state_init, table,
+                 candidates, meta, counters, capacity, track_recency, seed_key, init_scale,
+                 admission_key, admission_threshold, min_count, sketch, sketch_key,
+                 sketch_period, distinct, distinct_key, distinct_on_hits):
   """Gathers rows for training, inserting admitted absent IDs.
 
+  Works once per distinct ID of the call (see `dedup_route`); the caller
+  copies the rows of repeated occurrences with `copy_duplicates`. Counters
+  count occurrences, as if every occurrence were looked up in arrival order:
+  an ID that is present records `count` hits; an absent one records misses
+  until an occurrence is admitted, and hits after that.
+
   Args:
-    ids: uint64 [n] all IDs of the call; only `ids[positions]` belong here.
-    positions: int64 [k] indices into `ids` routed to this shard.
-    out: float32 [n, dim]; row `p` receives the value for `ids[p]`.
+    ids: uint64 [n] all IDs of the call.
+    positions: int64 [k] first occurrences (indices into `ids`) of the
+      distinct IDs routed to this shard, ascending.
+    lasts: int64 [k] the last occurrence of each of those IDs.
+    counts: int32 [k] the occurrences of each.
+    out: float32 [n, dim]; row `positions[j]` receives the value of its ID.
     capacity: maximum rows of this shard; arrays hold min(capacity, used + k).
+    track_recency: whether hits refresh their stamp (stores with a capacity).
     admission_threshold: uint64; an ID is admitted with probability
       threshold / 2**53, decided by its hash.
     min_count: occurrences an absent ID needs (counted in `sketch`) before it
@@ -595,76 +787,93 @@ def lookup_train(ids, positions, out, keys, rows, state, state_init, stamps,
       passes False when every stored row's ID is already in the registers
       (rows come only from misses or from an import with its registers),
       because adding such an ID again changes nothing.
+
+  Recency: the stamp of a looked-up row is the shard clock at the start of
+  the call plus the ID's last occurrence, and the clock then advances by n.
+  So the rows of one call are ordered by last occurrence, as per-occurrence
+  touches would order them. All of them are more recent than every row the
+  call did not touch, so inserts during the call evict only untouched rows.
   """
   dim = rows.shape[1]
-  # Resolve every ID first with overlapped read-only probes (see
-  # _resolve_rows); the loop below then knows the row of the ID ahead and
-  # prefetches exactly that row and stamp. A row resolved there is still this
-  # ID's row unless an insert earlier in this loop evicted it and gave the
-  # slot to another key, so the loop checks the key, and probes again when it
-  # differs or when the ID was absent (an earlier occurrence may have
-  # inserted it).
-  found = _resolve_rows(ids, positions, keys, table)
+  n = ids.shape[0]
+  # Resolve every ID first with overlapped read-only probes (see _resolve),
+  # so the loop below has the slot and row of the ID ahead and prefetches
+  # both. A resolved slot still contains this ID unless an insert earlier in
+  # this loop evicted an entry, whose deletion shifts later entries of its
+  # probe run back. So the loop checks the key, and probes again when it
+  # differs or when the ID was absent.
+  slots, found = _resolve(ids, positions, table)
   k = positions.shape[0]
-  track = stamps.shape[0] > 0
   hits = 0
-  # The recency clock lives in a local between misses, because a store to
-  # `meta` per hit would have to be reloaded for the next one.
-  clock = meta[META_CLOCK]
+  misses = 0
+  rejected = 0
+  inserts = 0
+  clock = reserve_clock(table, candidates, meta, n)
+  meta[META_CLOCK] = clock + n
   for j in range(k):
     if j + PREFETCH_DISTANCE // 2 < k:
-      ahead = found[j + PREFETCH_DISTANCE // 2]
-      if ahead >= 0:
-        _prefetch_rows(rows, ahead)
-        if track:
-          prefetch(stamps, ahead)
+      ahead = j + PREFETCH_DISTANCE // 2
+      if found[ahead] >= 0:
+        _prefetch_rows(rows, found[ahead])
+        if track_recency:
+          prefetch2(table, slots[ahead], 0)
     p = positions[j]
     key = ids[p]
+    occurrences = counts[j]
     if distinct_on_hits:
       _distinct_add(distinct, key, distinct_key)
-    row = found[j]
-    if row < 0 or keys[row] != key:
-      _, row = _find(table, keys, key)
-    if row >= 0:
-      hits += 1
-      if track:
-        stamps[row] = clock
-        clock += 1
+    slot = slots[j]
+    entry = table[slot, 1]
+    if found[j] < 0 or entry == EMPTY or table[slot, 0] != key:
+      slot, _ = _find(table, key)
+      entry = table[slot, 1]
+    if entry != EMPTY:
+      row = _entry_row(entry)
+      hits += occurrences
+      if track_recency:
+        table[slot, 1] = _entry(clock + lasts[j], row)
       for c in range(dim):
         out[p, c] = rows[row, c]
       continue
     if not distinct_on_hits:
       _distinct_add(distinct, key, distinct_key)
-    counters[C_MISSES] += 1
-    admitted = _passes_admission(key, admission_key, admission_threshold)
-    if admitted and min_count > 1:
-      admitted = _sketch_count(sketch, meta, key, sketch_key, sketch_period) >= min_count
-    if not admitted:
-      counters[C_REJECTED] += 1
+    # The occurrence that gets admitted (1-based); 0 when none is.
+    admitted_at = 1 if _passes_admission(key, admission_key, admission_threshold) else 0
+    if admitted_at and min_count > 1:
+      admitted_at = 0
+      for occurrence in range(1, occurrences + 1):
+        if _sketch_count(sketch, meta, key, sketch_key, sketch_period) >= min_count:
+          admitted_at = occurrence
+          break
+    if admitted_at == 0:
+      misses += occurrences
+      rejected += occurrences
       _init_row(seed_key, key, init_scale, out, p)
       continue
-    meta[META_CLOCK] = clock
-    row = _claim_row(key, keys, table, stamps, candidates, meta, capacity, counters)
-    clock = meta[META_CLOCK]
+    misses += admitted_at
+    rejected += admitted_at - 1
+    hits += occurrences - admitted_at
+    row = _claim_row(key, clock + lasts[j], table, candidates, meta, capacity, counters)
     _init_row(seed_key, key, init_scale, rows, row)
     for c in range(state_init.shape[0]):
       state[row, c] = state_init[c]
-    counters[C_INSERTS] += 1
+    inserts += 1
     for c in range(dim):
       out[p, c] = rows[row, c]
   counters[C_HITS] += hits
-  meta[META_CLOCK] = clock
+  counters[C_MISSES] += misses
+  counters[C_REJECTED] += rejected
+  counters[C_INSERTS] += inserts
 
 
 @_jit
-def count_insert_candidates(ids, positions, keys, table, admission_key,
-                            admission_threshold):
+def count_insert_candidates(ids, positions, table, admission_key, admission_threshold):
   """Returns an upper bound on the rows a training lookup may insert.
 
-  Counts the occurrences of `ids[positions]` that have no row and pass the
+  Counts the distinct IDs of `ids[positions]` that have no row and pass the
   admission probability (the minimum count is not checked).
   """
-  found = _resolve_rows(ids, positions, keys, table)
+  _, found = _resolve(ids, positions, table)
   candidates = 0
   for j in range(positions.shape[0]):
     if found[j] < 0 and _passes_admission(ids[positions[j]], admission_key,
@@ -674,13 +883,17 @@ def count_insert_candidates(ids, positions, keys, table, admission_key,
 
 
 @_jit
-def lookup_eval(ids, positions, out, keys, rows, table, counters, seed_key,
+def lookup_eval(ids, positions, counts, out, rows, table, counters, seed_key,
                 init_scale, zeros_for_unknown):
-  """Gathers rows read-only: absent IDs get their initial value or zeros."""
+  """Gathers rows read-only: absent IDs get their initial value or zeros.
+
+  Arguments as in `lookup_train`; the counters count occurrences.
+  """
   dim = rows.shape[1]
-  found = _resolve_rows(ids, positions, keys, table)
+  _, found = _resolve(ids, positions, table)
   k = positions.shape[0]
   hits = 0
+  misses = 0
   for j in range(k):
     # The rows are known (nothing is inserted), so the row of the ID ahead is
     # prefetched exactly.
@@ -691,17 +904,18 @@ def lookup_eval(ids, positions, out, keys, rows, table, counters, seed_key,
     p = positions[j]
     row = found[j]
     if row >= 0:
-      hits += 1
+      hits += counts[j]
       for c in range(dim):
         out[p, c] = rows[row, c]
     else:
-      counters[C_EVAL_MISSES] += 1
+      misses += counts[j]
       if zeros_for_unknown:
         for c in range(dim):
           out[p, c] = 0.0
       else:
         _init_row(seed_key, ids[p], init_scale, out, p)
   counters[C_EVAL_HITS] += hits
+  counters[C_EVAL_MISSES] += misses
 
 
 # ----------------------------------------------------------------------------
@@ -843,75 +1057,42 @@ def _update_row(code, rows, state, r, summed, u, hp):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=_MATH_FLAGS, error_model="numpy")
-def apply_gradients(ids, positions, grads, keys, rows, state, table, counters, code, hp):
-  """Sums the gradients of duplicate IDs in arrival order, then updates each row once.
+def apply_gradients(ids, positions, counts, grads, rows, state, table, counters, code, hp):
+  """Applies one optimizer step to the row of each distinct ID.
 
   Args:
-    ids: uint64 [n] all IDs of the call; only `ids[positions]` belong here.
+    ids: uint64 [u] distinct IDs (see `dedup_sum_route`).
     positions: int64 [k] indices into `ids` and `grads` routed to this shard.
-    grads: float32 [n, dim].
+    counts: int32 [k] occurrences of each ID in the call, for the counter of
+      gradients dropped because the ID has no row.
+    grads: float32 [u, dim] summed gradient of each ID.
     code, hp: optimizer code and float64 hyperparameters (see optimizers.py).
   """
   k = positions.shape[0]
-  dim = rows.shape[1]
-  # Probes first (their misses overlap), then sums duplicates, then updates
-  # each unique row, whose row and state are known exactly by then.
-  found = _resolve_rows(ids, positions, keys, table)
-  # Small local hash map from row slot to its index in `summed`: one int64
-  # entry (row << 32 | index) per hash slot, -1 when empty, so a probe reads
-  # one value. It is at most half full and takes 16 bytes per ID, so it stays
-  # in cache. The hash is Fibonacci multiply-shift (one multiply, top bits):
-  # row slots are small distinct integers, which it spreads evenly, and it is
-  # shorter than fmix64 on this per-ID path.
-  local_bits = 1
-  while (1 << local_bits) < 2 * k:
-    local_bits += 1
-  local_mask = (1 << local_bits) - 1
-  local_shift = _U(64 - local_bits)
-  local = np.full(1 << local_bits, -1, np.int64)
-  unique_rows = np.empty(k, np.int32)
-  summed = np.empty((k, dim), np.float32)
-  num_unique = 0
+  # Probes first (their misses overlap), then each row, whose row and state
+  # are known by then and prefetched PREFETCH_DISTANCE IDs ahead.
+  _, found = _resolve(ids, positions, table)
+  grad_bits = grads.view(np.int32)
   absent = 0
+  nonfinite = 0
+  updated = 0
   for j in range(k):
-    # Rows and state are not prefetched here: the update pass below
-    # prefetches them itself, and lines fetched here tend to leave L2 before
-    # that pass (the summing streams about 1 MiB of gradients per shard at
-    # dim 16); measured as fast or faster without (10 M x 16 table).
+    ahead = j + PREFETCH_DISTANCE
+    if ahead < k and found[ahead] >= 0:
+      _prefetch_rows(rows, found[ahead])
+      _prefetch_rows(state, found[ahead])
     row = found[j]
     if row < 0:
-      absent += 1
+      absent += counts[j]
       continue
-    p = positions[j]
-    slot = np.int64((_U(row) * GOLDEN_GAMMA) >> local_shift)
-    entry = local[slot]
-    while entry >= 0 and (entry >> 32) != row:
-      slot = (slot + 1) & local_mask
-      entry = local[slot]
-    if entry < 0:
-      local[slot] = (np.int64(row) << 32) | num_unique
-      unique_rows[num_unique] = row
-      for c in range(dim):
-        summed[num_unique, c] = grads[p, c]
-      num_unique += 1
-    else:
-      u = entry & 0xFFFFFFFF
-      for c in range(dim):
-        summed[u, c] += grads[p, c]
-  counters[C_ABSENT_GRADS] += absent
-  summed_bits = summed.view(np.int32)
-  updated = 0
-  for u in range(num_unique):
-    ahead = u + PREFETCH_DISTANCE
-    if ahead < num_unique:
-      _prefetch_rows(rows, unique_rows[ahead])
-      _prefetch_rows(state, unique_rows[ahead])
-    if not _is_finite_row(summed_bits, u):
-      counters[C_NONFINITE] += 1
+    u = positions[j]
+    if not _is_finite_row(grad_bits, u):
+      nonfinite += 1
       continue
-    row = unique_rows[u]
-    _update_row(code, rows, state, row, summed, u, hp)
+    _update_row(code, rows, state, row, grads, u, hp)
     updated += 1
+  counters[C_ABSENT_GRADS] += absent
+  counters[C_NONFINITE] += nonfinite
   counters[C_UPDATED] += updated
 
 
@@ -921,31 +1102,42 @@ def apply_gradients(ids, positions, grads, keys, rows, state, table, counters, c
 
 
 @_jit
-def lru_order(stamps, meta):
-  """Returns int64 [used] row slots from least to most recently used.
+def lru_order(table, meta):
+  """Returns uint64 [used] keys and int64 [used] row slots, least recently used first.
 
-  Without recency tracking (empty `stamps`) this is the insertion order.
+  Without recency tracking (no capacity) stamps give the insertion order.
   """
-  used = meta[META_USED]
-  if stamps.shape[0] == 0:
-    return np.arange(used)
-  return np.argsort(stamps[:used])
+  slots = _occupied(table, meta[META_USED])
+  stamps = np.empty(slots.shape[0], np.int64)
+  for i in range(slots.shape[0]):
+    stamps[i] = _entry_stamp(table[slots[i], 1])
+  order = np.argsort(stamps)
+  keys = np.empty(slots.shape[0], np.uint64)
+  rows = np.empty(slots.shape[0], np.int64)
+  for rank in range(order.shape[0]):
+    slot = slots[order[rank]]
+    keys[rank] = table[slot, 0]
+    rows[rank] = _entry_row(table[slot, 1])
+  return keys, rows
 
 
 @_jit
-def insert_rows(new_keys, new_rows, new_state, keys, rows, state, stamps, candidates,
-                table, meta, capacity, counters):
+def insert_rows(new_keys, new_rows, new_state, rows, state, table, candidates, meta,
+                capacity, counters):
   """Inserts rows in the given order (least recent first), overwriting present IDs.
 
   The last inserted row becomes the most recently used. When more rows arrive
   than `capacity`, the earliest ones are evicted, which keeps the most recent.
   """
+  clock = reserve_clock(table, candidates, meta, new_keys.shape[0])
   for i in range(new_keys.shape[0]):
     key = new_keys[i]
-    _, row = _find(table, keys, key)
+    slot, row = _find(table, key)
     if row >= 0:
-      _touch(row, stamps, meta)
+      table[slot, 1] = _entry(clock, row)
     else:
-      row = _claim_row(key, keys, table, stamps, candidates, meta, capacity, counters)
+      row = _claim_row(key, clock, table, candidates, meta, capacity, counters)
+    clock += 1
+    meta[META_CLOCK] = clock
     rows[row, :] = new_rows[i, :]
     state[row, :] = new_state[i, :]

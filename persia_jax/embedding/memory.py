@@ -7,6 +7,8 @@ never straddle a cache line, so every table and lookup buffer is allocated here.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 ALIGNMENT = 64
@@ -16,7 +18,7 @@ def aligned_empty(shape, dtype, alignment: int = ALIGNMENT) -> np.ndarray:
   """Returns an uninitialised C-contiguous array whose data starts on `alignment` bytes."""
   dtype = np.dtype(dtype)
   shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  nbytes = math.prod(int(size) for size in shape) * dtype.itemsize
   raw = np.empty(nbytes + alignment, np.uint8)
   start = (-raw.ctypes.data) % alignment
   return raw[start:start + nbytes].view(dtype).reshape(shape)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from persia_jax.embedding import kernels
+
 # Pooling modes as the kernels see them.
 POOL_NONE = 0  # Exactly one ID per sample; computed like a sum.
 POOL_SUM = 1
@@ -27,38 +29,22 @@ POOLING_MODES = {"none": POOL_NONE, "sum": POOL_SUM, "mean": POOL_MEAN,
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 BFLOAT16_MAX = 3.3895313892515355e38  # (2 - 2**-7) * 2**127.
 
-# Fibonacci hashing multiplier, 2**64 divided by the golden ratio.
-_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
-
-
 @numba.njit(nogil=True, cache=True)
 def _dedup_hash_kernel(ids):
   n = ids.shape[0]
-  bits = 4
-  while (1 << bits) < 2 * n:
-    bits += 1
-  capacity = 1 << bits
-  mask = capacity - 1
-  shift = np.uint64(64 - bits)
-  slots = np.full(capacity, -1, np.int32)
+  slots, mask, shift = kernels.local_table(n)
   unique = np.empty(n, np.uint64)
   inverse = np.empty(n, np.int32)
   num_unique = 0
   for i in range(n):
     key = ids[i]
-    slot = np.int64((key * _HASH_MULTIPLIER) >> shift)
-    while True:
-      index = slots[slot]
-      if index < 0:
-        slots[slot] = num_unique
-        unique[num_unique] = key
-        inverse[i] = num_unique
-        num_unique += 1
-        break
-      if unique[index] == key:
-        inverse[i] = index
-        break
-      slot = (slot + 1) & mask
+    slot, index = kernels.local_find(slots, mask, shift, unique, key)
+    if index < 0:
+      slots[slot] = num_unique
+      unique[num_unique] = key
+      index = num_unique
+      num_unique += 1
+    inverse[i] = index
   return unique[:num_unique].copy(), inverse
 
 

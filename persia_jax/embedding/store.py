@@ -4,60 +4,60 @@ An `EmbeddingStore` stores the rows of one embedding table keyed by uint64 IDs,
 trains them with a sparse optimizer and implements `EmbeddingStoreAPI`
 (api.py). Every uint64 value is a valid ID, 0 and 2**64 - 1 included.
 
-Routing. An ID lives in shard `splitmix64(id) % num_shards`. A call groups its
-IDs by shard with one compiled O(n) counting sort (`kernels.route`), so the
-IDs of a shard keep their arrival order, and runs one compiled kernel per shard
-while holding that shard's `threading.Lock`. The kernels (kernels.py) are numba
-`nogil` functions, so calls from several threads run in parallel on different
-shards. A call takes its shards in the order their locks come free (it skips
-a shard another call holds and comes back to it), so concurrent calls do not
-queue behind each other shard by shard. With `num_threads > 1` the shards of
-one call also run in a pool.
+Routing and deduplication. An ID lives in shard `splitmix64(id) % num_shards`.
+A call first deduplicates its IDs in a small per-call hash table and groups
+the distinct IDs by shard (`kernels.dedup_route`, one compiled O(n) pass plus
+one pass over the distinct IDs; `kernels.dedup_sum_route` also sums the
+gradients of repeated IDs, in arrival order). Then it runs one compiled kernel
+per shard while holding that shard's `threading.Lock`; the kernel probes the
+shard's table once per distinct ID, and a lookup finally copies the row of
+the first occurrence of each ID to its repeats. The kernels (kernels.py) are
+numba `nogil` functions, so calls from several threads run in parallel on
+different shards. A call takes its shards in the order their locks come free
+(it skips a shard another call holds and comes back to it), so concurrent
+calls do not queue behind each other shard by shard. With `num_threads > 1`
+the shards of one call also run in a pool.
 
-Map. Each shard maps IDs to row slots with an open-addressing table of int32
-entries: linear probing, backward-shift deletion (no tombstones), home slot
-from the high bits of MurmurHash3's fmix64 finalizer, which is independent of
-the routing hash. The low bits of an entry are the row slot; the bits above,
-up to the sign bit, are a tag from the low bits of the same hash. A probe
-compares keys only in slots whose tag matches. A table
-slot is free when it contains -1, so occupancy never depends on the key. The
-table is kept at most 75% full.
+Map. Each shard maps IDs to row slots with an open-addressing table of 16-byte
+slots: the key, and an entry that packs the row slot and the row's recency
+stamp (32 bits each). Linear probing, backward-shift deletion (no
+tombstones), home slot from the high bits of MurmurHash3's fmix64 finalizer,
+which is independent of the routing hash. A slot is free when its entry is
+EMPTY, so occupancy never depends on the key. The table is kept at most 75%
+full.
 
-Memory. Per shard, keys (uint64 [A]), rows (float32 [A, dim]), optimizer state
-(float32 [A, slot_width]) and the recency stamps (int64 [A]) are 64-byte
-aligned arrays from `memory.aligned_empty`, indexed by the same row slot. They
-grow by reallocation, by at least 1.25x (so at most 20% of a growing shard's
-slots are unused), up to the shard capacity, so a full table allocates exactly
-`capacity` slots. The index adds 8 (key) + 8 (stamp) + 4 / 0.75 (table) +
-0.25 (eviction candidates, int32 for 1/16 of the capacity) = 21.6 bytes per
-row to the 4 * (dim + slot_width) bytes of row and state, plus 4 KiB per shard
-of distinct-ID registers; `bytes_per_row()` reports the measured total. A
-store without a capacity never evicts, so it keeps no stamps and its index
-costs 13.3 bytes per row. With eviction, the key and the stamp alone cost 16
-bytes, so 1.25x of row and state is reachable only for rows of 87 bytes or
-more (for example dim >= 22 with SGD, dim >= 11 with Adagrad).
+Memory. Per shard, rows (float32 [A, dim]), optimizer state (float32 [A,
+slot_width]) and the table (uint64 [T, 2]) are 64-byte aligned arrays from
+`memory.aligned_empty`. Rows and state grow by reallocation, by at least 1.25x
+(so at most 20% of a growing shard's slots are unused), up to the shard
+capacity, so a full shard allocates exactly `capacity` rows. The index adds 16
+/ 0.75 = 21.3 bytes (table) + 0.5 bytes (eviction candidates: key and stamp
+for 1/32 of the capacity) per row to the 4 * (dim + slot_width) bytes of row
+and state, plus 4 KiB per shard of distinct-ID registers;
+`bytes_per_row()` reports the measured total. That meets 1.25x of row and
+state for rows of 87 bytes or more (dim >= 22 with SGD, dim >= 11 with
+Adagrad). Below that the key (8 bytes), row slot and stamp (4 each) alone
+reach a quarter of a 64-byte row before any free table slot, so exact LRU
+over 64-bit IDs cannot fit 1.25x there.
 
-Speed. A lookup of an ID reads three random cache lines: the table slot, the
-key and the row. A training lookup also writes the row's stamp, a fourth, and
-an update reads and writes the row's optimizer state. The row slot comes from
-the table, so these misses form a chain. At the 75% load limit about a third
-of the IDs are not in their home slot; the tags let their probes skip the
-keys of the slots they pass (one random line each) but for a chance of
-2**-tag_bits per slot. Every kernel therefore first resolves the rows of all
-its IDs (`kernels._resolve_rows`): it computes the home slots and tags,
-prefetches the table slot of the ID `kernels.PREFETCH_DISTANCE` positions
-ahead and the keys of the first three slots of the probe run of the ID half
-as far ahead, so the misses of many IDs overlap. A lookup's
-second loop copies the rows and prefetches the now known row (and stamp) of
-the ID half as far ahead. An update sums the gradients of duplicate IDs in a
-small per-call hash map, then applies the optimizer to each unique row in
-float32 vectorized code (see Optimizers), prefetching the row and state of
-the unique row `PREFETCH_DISTANCE` ahead, so its cost is the memory traffic
-of the probes, rows and state, not the arithmetic. Work that is
-not configured stays off the per-ID path: no stamps without a capacity, no
-count-min sketch unless `admission_min_count > 1`, no insert-candidate pass
-once a shard's arrays are at its capacity, and the distinct-ID hash only on
-misses (see Counters).
+Speed. A lookup of an ID reads two random cache lines: the table line that
+contains its key, row slot and stamp, and the row; a training lookup's stamp
+store goes to the table line it has already read, and an update also reads
+and writes the row's optimizer state. The row slot comes from the table, so
+the two misses form a chain. Every shard kernel therefore first resolves the
+rows of all its IDs (`kernels._resolve`), prefetching the table line of the ID
+`kernels.PREFETCH_DISTANCE` positions ahead, so the misses of many IDs
+overlap. A lookup's second loop copies the rows and prefetches the now known
+row (and table line) of the ID half as far ahead. An update then applies the
+optimizer to each row in float32 vectorized code (see Optimizers),
+prefetching the row and state of the ID `PREFETCH_DISTANCE` ahead, so its
+cost is the memory traffic of the probes, rows and state, not the
+arithmetic. Deduplication first means that IDs repeated in a call (about 70%
+of a Zipf batch) cost a per-call hash probe and a row copy, not a shard
+probe. Work that is not configured stays off the per-ID path: no stamp
+stores without a capacity, no count-min sketch unless `admission_min_count >
+1`, no insert-candidate pass once a shard's arrays are at its capacity, and
+the distinct-ID hash only on misses (see Counters).
 
 Initial values. Column c of a new row is `(2u - 1) * init_scale`, where u in
 [0, 1) is the top 24 bits of the c-th output of a SplitMix64 stream started at
@@ -66,15 +66,20 @@ count, capacity or arrival order; `initial_values(ids)` returns it.
 
 Eviction. The `capacity` rows of a store are split evenly over the shards (the
 first `capacity % num_shards` shards get one more), and a shard that is full
-evicts its least recently used row. Recency is exact. A touch stores the
-shard's next clock value as the row's stamp: one store, where a doubly linked
-list also rewrites two random neighbour rows. Eviction takes the row with the
-smallest stamp from a buffer of the rows with the smallest stamps, refilled by
-an O(rows) selection once per min(capacity / 16, 2**20) evictions, so about 16
-stamp reads per eviction; kernels._next_victim explains why this is exact.
-Training lookups refresh recency; gradient updates and `train=False` lookups
-do not. Because routing is random, shards fill unevenly, so a store may start
-evicting slightly before it contains `capacity` rows.
+evicts its least recently used row. Recency is exact: a training lookup of n
+IDs stamps each looked-up row with the shard clock plus the position of the
+ID's last occurrence in the call and advances the clock by n, so rows are
+ordered as if every occurrence had touched its row in arrival order. Eviction
+takes the entry with the smallest stamp from a buffer of the entries with the
+smallest stamps, refilled by an O(table) selection once per min(capacity /
+32, 2**19) evictions, so about 32 entry reads per eviction;
+kernels._next_victim explains why this is exact. Rows that one call touches
+are all more recent than the rows it does not touch, and inserts during the
+call evict only the latter, unless the call has more distinct IDs than the
+shard's capacity. Training lookups refresh recency; gradient updates and
+`train=False` lookups do not. Because routing is random, shards fill
+unevenly, so a store may start evicting slightly before it contains
+`capacity` rows.
 
 Admission. A training lookup of an absent ID first checks admission: the ID
 passes with probability `admission_probability`, decided by a hash of (seed,
@@ -164,6 +169,9 @@ from persia_jax.embedding import memory
 from persia_jax.embedding.optimizers import OptimizerSpec
 
 _MAX_SHARD_CAPACITY = 2**31 - 2  # Row slots are int32 and -1 marks "none".
+# Per-call kernels index a call's IDs with int32, and the 32-bit recency clock
+# must hold one call's positions above the renumbered stamps.
+_MAX_CALL_IDS = 2**30
 _MIN_ALLOCATION = 64
 # Growth factor of the shard arrays: each reallocation copies the used rows, so
 # 1.25 costs about four copies per row in total and wastes at most 20% of slots.
@@ -180,11 +188,16 @@ def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
 
   Raises:
     TypeError: if the dtype is not an integer type.
-    ValueError: if the array is not 1-D or contains a negative value.
+    ValueError: if the array is not 1-D, has more than 2**30 entries or
+      contains a negative value.
   """
   array = np.asarray(ids)
   if array.ndim != 1:
     raise ValueError(f"{name} must be 1-D, got shape {array.shape}; flatten it first.")
+  if array.shape[0] > _MAX_CALL_IDS:
+    raise ValueError(
+        f"{name} has {array.shape[0]} entries; one call takes at most {_MAX_CALL_IDS}"
+        " (int32 positions), so split it into several calls.")
   if array.dtype == np.uint64:
     return np.ascontiguousarray(array)
   if array.dtype.kind == "u":
@@ -200,6 +213,11 @@ def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
       f"{name} must be an integer array (uint64 preferred), got dtype {array.dtype}.")
 
 
+def _nonempty(starts: list[int]) -> list[int]:
+  """Returns the indices s of the non-empty ranges [starts[s], starts[s + 1])."""
+  return [s for s in range(len(starts) - 1) if starts[s + 1] > starts[s]]
+
+
 class _Shard:
   """The arrays, counters and lock of one shard; see kernels.py for the layout."""
 
@@ -211,12 +229,12 @@ class _Shard:
     self.capacity = capacity
     self.track_recency = track_recency
     self.meta = np.zeros(kernels.META_SIZE, np.int64)
-    # Eviction candidates (see kernels._next_victim): refilled by an O(used)
-    # selection once per len(candidates) evictions, so 1/16 of the capacity
-    # (at most 1 M rows, 4 MiB) keeps that cost near 16 stamp reads per
-    # eviction for about 0.25 bytes per row.
+    # Eviction candidates (see kernels._next_victim), a key and a stamp each.
+    # An O(table) selection refills them once per len(candidates) evictions.
+    # With 1/32 of the capacity (at most 512 K entries, 8 MiB) that costs
+    # about 32 entry reads per eviction, for 0.5 bytes per row.
     self.candidates = memory.aligned_empty(
-        (min(max(16, capacity // 16), 1 << 20) if track_recency else 0,), np.int32)
+        (min(max(16, capacity // 32), 1 << 19) if track_recency else 0, 2), np.uint64)
     self.counters = np.zeros(kernels.NUM_COUNTERS, np.int64)
     self.distinct = np.zeros(kernels.DISTINCT_REGISTERS, np.uint8)
     self.sketch = np.zeros((2, sketch_width), np.uint8)
@@ -232,25 +250,23 @@ class _Shard:
 
   @property
   def allocated(self) -> int:
-    return self.keys.shape[0]
+    return self.rows.shape[0]
 
   def _allocate(self, rows: int) -> None:
     used = self.used
-    keys = memory.aligned_empty(rows, np.uint64)
     values = memory.aligned_empty((rows, self.dim), np.float32)
     state = memory.aligned_empty((rows, self.slot_width), np.float32)
-    stamps = memory.aligned_empty(rows if self.track_recency else 0, np.int64)
-    if used:
-      keys[:used] = self.keys[:used]
-      values[:used] = self.rows[:used]
-      state[:used] = self.state[:used]
-      if self.track_recency:
-        stamps[:used] = self.stamps[:used]
-    self.keys, self.rows, self.state, self.stamps = keys, values, state, stamps
     # At least one free slot ends every probe; the load stays <= MAX_LOAD.
     table_size = max(rows + 1, math.ceil(rows / kernels.MAX_LOAD))
-    self.table = memory.aligned_empty(table_size, np.int32)
-    kernels.rebuild_table(self.table, self.keys, used)
+    table = memory.aligned_empty((table_size, 2), np.uint64)
+    table[:, 1] = kernels.EMPTY
+    if used:
+      values[:used] = self.rows[:used]
+      state[:used] = self.state[:used]
+      kernels.rebuild_table(table, self.table)
+    self.rows, self.state, self.table = values, state, table
+    # An evicting shard at its capacity never grows again.
+    self.full_size = self.track_recency and rows == self.capacity
 
   def reserve(self, extra: int) -> None:
     """Grows the arrays so `extra` more rows fit (up to the capacity).
@@ -269,18 +285,9 @@ class _Shard:
     grown = max(needed, int(_GROWTH * self.allocated), _MIN_ALLOCATION)
     self._allocate(min(self.capacity, grown))
 
-  @property
-  def links(self) -> np.ndarray:
-    """The recency stamps as int32 pairs ([A, 2], empty without recency).
-
-    Kept for code written against the former doubly linked LRU list, which
-    had this shape and size; use `stamps`.
-    """
-    return self.stamps.view(np.int32).reshape(-1, 2)
-
   def nbytes(self) -> int:
-    arrays = (self.keys, self.rows, self.state, self.stamps, self.candidates, self.table,
-              self.meta, self.counters, self.distinct, self.sketch)
+    arrays = (self.rows, self.state, self.table, self.candidates, self.meta, self.counters,
+              self.distinct, self.sketch)
     return sum(a.nbytes for a in arrays)
 
 
@@ -420,9 +427,8 @@ class EmbeddingStore:
     ids = as_ids(ids)
     return (kernels.splitmix64_numpy(ids) % np.uint64(self.num_shards)).astype(np.int64)
 
-  def _for_each_shard(self, routes: list[tuple[int, np.ndarray]],
-                      work: Callable[[_Shard, np.ndarray], None]) -> None:
-    """Runs `work(shard, positions)` for every routed shard, holding its lock.
+  def _for_each_shard(self, routes: list[int], work: Callable[[_Shard, int], None]) -> None:
+    """Runs `work(shard, index)` for every shard index in `routes`, holding its lock.
 
     In the calling thread, shards are taken in the order their locks come
     free: a shard whose lock another call holds is skipped and revisited, and
@@ -446,22 +452,21 @@ class EmbeddingStore:
     for future in futures:
       future.result()
 
-  def _run_when_free(self, routes: list[tuple[int, np.ndarray]],
-                     work: Callable[[_Shard, np.ndarray], None]) -> None:
+  def _run_when_free(self, routes: list[int], work: Callable[[_Shard, int], None]) -> None:
     pending = list(routes)
     while pending:
       chosen = None
-      for index, (s, _) in enumerate(pending):
+      for index, s in enumerate(pending):
         if self._shards[s].lock.acquire(blocking=False):
           chosen = index
           break
       if chosen is None:
         chosen = 0
-        self._shards[pending[0][0]].lock.acquire()
-      s, positions = pending.pop(chosen)
+        self._shards[pending[0]].lock.acquire()
+      s = pending.pop(chosen)
       shard = self._shards[s]
       try:
-        work(shard, positions)
+        work(shard, s)
       finally:
         shard.lock.release()
 
@@ -470,7 +475,7 @@ class EmbeddingStore:
     if self.num_shards == 1:
       return [(0, np.arange(ids.shape[0], dtype=np.int64))] if ids.shape[0] else []
     # One O(n) counting sort. Positions keep arrival order within a shard,
-    # which fixes the order of duplicate gradient sums and of LRU touches.
+    # which fixes the LRU order of imported rows.
     positions, bounds = kernels.route(ids, self.num_shards)
     return [(s, positions[bounds[s]:bounds[s + 1]]) for s in range(self.num_shards)
             if bounds[s + 1] > bounds[s]]
@@ -496,8 +501,11 @@ class EmbeddingStore:
              out: np.ndarray | None = None) -> np.ndarray:
     """Gathers the rows of `ids`.
 
+    Each distinct ID is resolved once; its repeats get a copy of its row.
+
     Args:
-      ids: uint64 [n] (or non-negative integer) IDs; duplicates each get a row.
+      ids: uint64 [n] (or non-negative integer) IDs, n < 2**31; duplicates
+        each get a row.
       train: True inserts admitted absent IDs and refreshes recency; False is
         read-only and returns initial values or zeros for absent IDs.
       out: optional float32 [n, dim] C-contiguous buffer to write into.
@@ -511,35 +519,42 @@ class EmbeddingStore:
       out = memory.aligned_empty((n, self.dim), np.float32)
     else:
       out = self._check_out(out, n)
-    def gather(shard: _Shard, positions: np.ndarray) -> None:
+    positions, lasts, counts, bounds, source = kernels.dedup_route(ids, self.num_shards)
+    starts = bounds.tolist()
+
+    def gather(shard: _Shard, s: int) -> None:
       # Called with the shard's lock held (see _for_each_shard).
+      lo, hi = starts[s], starts[s + 1]
+      shard_positions = positions[lo:hi]
       if train:
-        extra = positions.shape[0]
         # A shard that evicts and whose arrays are already at its capacity
         # can neither grow nor overflow, so it skips the counting pass, which
         # would probe every ID a second time.
-        at_capacity = shard.track_recency and shard.allocated == shard.capacity
-        if not at_capacity and shard.used + extra > shard.allocated:
-          # Grow only for the IDs that may be inserted, not for the hits.
-          extra = kernels.count_insert_candidates(
-              ids, positions, shard.keys, shard.table, self._admission_key,
-              self._admission_threshold)
-        shard.reserve(extra)
+        if not shard.full_size:
+          extra = hi - lo
+          if shard.used + extra > shard.allocated:
+            # Grow only for the IDs that may be inserted, not for the hits.
+            extra = kernels.count_insert_candidates(
+                ids, shard_positions, shard.table, self._admission_key,
+                self._admission_threshold)
+          shard.reserve(extra)
         kernels.lookup_train(
-            ids, positions, out, shard.keys, shard.rows, shard.state,
-            self._state_init, shard.stamps, shard.candidates, shard.table, shard.meta,
-            shard.counters, shard.capacity, self._seed_key, self.init_scale,
-            self._admission_key, self._admission_threshold,
+            ids, shard_positions, lasts[lo:hi], counts[lo:hi], out, shard.rows,
+            shard.state, self._state_init, shard.table, shard.candidates, shard.meta,
+            shard.counters, shard.capacity, shard.track_recency, self._seed_key,
+            self.init_scale, self._admission_key, self._admission_threshold,
             self.admission_min_count, shard.sketch, self._sketch_key,
             self._sketch_period, shard.distinct, self._distinct_key,
             not shard.distinct_covers_rows)
       else:
         kernels.lookup_eval(
-            ids, positions, out, shard.keys, shard.rows, shard.table,
+            ids, shard_positions, counts[lo:hi], out, shard.rows, shard.table,
             shard.counters, self._seed_key, self.init_scale,
             self.unknown_id == "zeros")
 
-    self._for_each_shard(self._route(ids), gather)
+    self._for_each_shard(_nonempty(starts), gather)
+    if positions.shape[0] < n:
+      kernels.copy_duplicates(out, source)
     return out
 
   def apply_gradients(self, ids: np.ndarray, grads: np.ndarray) -> None:
@@ -569,13 +584,18 @@ class EmbeddingStore:
       raise TypeError(f"grads must be a floating-point array, got dtype {grads.dtype}.")
     grads = np.ascontiguousarray(grads, dtype=np.float32)
 
-    def update(shard: _Shard, positions: np.ndarray) -> None:
-      # Called with the shard's lock held (see _for_each_shard).
-      kernels.apply_gradients(
-          ids, positions, grads, shard.keys, shard.rows, shard.state, shard.table,
-          shard.counters, self._code, self._hyperparameters)
+    unique, summed, positions, counts, bounds = kernels.dedup_sum_route(
+        ids, grads, self.num_shards)
+    starts = bounds.tolist()
 
-    self._for_each_shard(self._route(ids), update)
+    def update(shard: _Shard, s: int) -> None:
+      # Called with the shard's lock held (see _for_each_shard).
+      lo, hi = starts[s], starts[s + 1]
+      kernels.apply_gradients(
+          unique, positions[lo:hi], counts[lo:hi], summed, shard.rows, shard.state,
+          shard.table, shard.counters, self._code, self._hyperparameters)
+
+    self._for_each_shard(_nonempty(starts), update)
 
   def initial_values(self, ids: np.ndarray) -> np.ndarray:
     """Returns the float32 [n, dim] rows that `ids` get when first inserted."""
@@ -702,8 +722,8 @@ class EmbeddingStore:
     exported = []
     with self._all_locks():
       for shard in self._shards:
-        order = kernels.lru_order(shard.stamps, shard.meta)
-        exported.append({"keys": shard.keys[order], "rows": shard.rows[order],
+        keys, order = kernels.lru_order(shard.table, shard.meta)
+        exported.append({"keys": keys, "rows": shard.rows[order],
                           "state": shard.state[order]})
     return exported
 
@@ -741,9 +761,8 @@ class EmbeddingStore:
         shard = fresh[s]
         shard.reserve(positions.shape[0])
         kernels.insert_rows(keys[positions], rows[positions], state[positions],
-                            shard.keys, shard.rows, shard.state, shard.stamps,
-                            shard.candidates,
-                            shard.table, shard.meta, shard.capacity, shard.counters)
+                            shard.rows, shard.state, shard.table, shard.candidates,
+                            shard.meta, shard.capacity, shard.counters)
       for shard in fresh:
         shard.counters[:] = 0
       if counters is not None:
