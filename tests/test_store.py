@@ -36,6 +36,32 @@ def test_lookup_duplicates_get_identical_rows():
   assert len(store) == 2
 
 
+@pytest.mark.parametrize("high", [30, 100_000])  # Mostly repeats, almost none.
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_lookup_matches_one_id_per_call(high, train):
+  # A batch lookup takes the compact path when most IDs repeat and writes in
+  # place otherwise. Both must equal looking up one ID per call.
+  rng = np.random.default_rng(4)
+  warmup = rng.integers(0, high, 300).astype(np.uint64)
+  batch = rng.integers(0, high, 1000).astype(np.uint64)
+  grads = rng.normal(0, 1, (300, 3)).astype(np.float32)
+  stores = []
+  for _ in range(2):
+    store = EmbeddingStore(3, num_shards=3, capacity=5000, init_scale=1.0,
+                           optimizer={"name": "sgd", "learning_rate": 1.0})
+    store.lookup(warmup)
+    store.apply_gradients(warmup, grads)
+    stores.append(store)
+  batched, single = stores
+  out = batched.lookup(batch, train=train)
+  expected = np.concatenate([single.lookup(batch[i:i + 1], train=train)
+                             for i in range(batch.shape[0])])
+  np.testing.assert_array_equal(out, expected)
+  assert batched.stats() == single.stats()
+  for left, right in zip(batched.export_shards(), single.export_shards()):
+    assert left["keys"].tolist() == right["keys"].tolist()
+
+
 def test_initial_values_match_reference_formula():
   ids = _ids(0, 1, 12345, 2**63, MAX_ID)
   store = EmbeddingStore(5, seed=77, init_scale=0.3)

@@ -140,9 +140,9 @@ def _shards_numpy(ids: np.ndarray, num_shards: int) -> np.ndarray:
 @pytest.mark.parametrize("num_shards", [1, 3, 4])
 def test_dedup_route_matches_numpy(num_shards):
   ids = np.concatenate([_random_ids(5, 3000, 700), _EDGE_IDS, _EDGE_IDS[::-1]])
-  positions, lasts, counts, bounds, source = kernels.dedup_route(ids, num_shards)
-  unique, first, inverse, count = np.unique(ids, return_index=True, return_inverse=True,
-                                            return_counts=True)
+  positions, lasts, counts, bounds, inverse = kernels.dedup_route(ids, num_shards)
+  unique, first, unique_of_id, count = np.unique(
+      ids, return_index=True, return_inverse=True, return_counts=True)
   last = ids.shape[0] - 1 - np.unique(ids[::-1], return_index=True)[1]
   # Distinct IDs in order of first occurrence, then grouped by shard (stable).
   by_first = np.argsort(first)
@@ -153,7 +153,8 @@ def test_dedup_route_matches_numpy(num_shards):
   np.testing.assert_array_equal(counts, count[order])
   expected_bounds = np.concatenate([[0], np.cumsum(np.bincount(shard, minlength=num_shards))])
   np.testing.assert_array_equal(bounds, expected_bounds)
-  np.testing.assert_array_equal(source, first[inverse])
+  # Every ID maps to the entry of its own distinct ID.
+  np.testing.assert_array_equal(positions[inverse], first[unique_of_id])
 
 
 @pytest.mark.parametrize("num_shards", [1, 4])
@@ -177,8 +178,20 @@ def test_dedup_sum_route_matches_numpy(num_shards):
 
 def test_copy_duplicates_fills_repeats_from_first_occurrence():
   ids = np.array([5, 7, 5, 9, 7, 5], np.uint64)
-  *_, source = kernels.dedup_route(ids, 1)
+  positions, *_, inverse = kernels.dedup_route(ids, 1)
   out = np.zeros((6, 2), np.float32)
   out[[0, 1, 3]] = [[1, 1], [2, 2], [3, 3]]
-  kernels.copy_duplicates(out, source)
+  kernels.copy_duplicates(out, positions, inverse)
   np.testing.assert_array_equal(out[:, 0], [1, 2, 1, 3, 2, 1])
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_expand_rows_gives_each_id_its_compact_row(num_shards):
+  ids = _random_ids(8, 500, 40)
+  positions, *_, inverse = kernels.dedup_route(ids, num_shards)
+  # Compact row c holds the first position of distinct ID c as its value.
+  compact = np.repeat(positions.astype(np.float32)[:, None], 2, axis=1)
+  out = np.zeros((ids.shape[0], 2), np.float32)
+  kernels.expand_rows(out, compact, inverse)
+  _, first, unique_of_id = np.unique(ids, return_index=True, return_inverse=True)
+  np.testing.assert_array_equal(out[:, 1], first[unique_of_id].astype(np.float32))

@@ -592,10 +592,10 @@ def _group_by_shard(shard_of, bounds, u):
 
 @_jit
 def dedup_route(ids, num_shards):
-  """Deduplicates `ids` and groups the first occurrence of each distinct ID by shard.
+  """Deduplicates `ids` and groups the distinct IDs by shard.
 
-  The shard kernels then work once per distinct ID: they write the row of the
-  first occurrence, and `copy_duplicates` fills the other occurrences.
+  The shard kernels then work once per distinct ID, and `copy_duplicates`
+  or `expand_rows` give every occurrence its row.
 
   Args:
     ids: uint64 [n].
@@ -608,7 +608,7 @@ def dedup_route(ids, num_shards):
       `positions`.
     counts: int32 [u], the occurrences of that ID.
     bounds: int64 [num_shards + 1]; shard s owns [bounds[s], bounds[s + 1]).
-    source: int32 [n], the first occurrence of `ids[i]` for every i.
+    inverse: int32 [n], the index into `positions` of the ID of each `ids[i]`.
   """
   n = ids.shape[0]
   slots, mask, shift = local_table(n)
@@ -618,7 +618,7 @@ def dedup_route(ids, num_shards):
   # and key. The scratch arrays of a call stay near 30 bytes per ID, because
   # the rows and table lines the shard kernels read next share the cache.
   record = np.empty((n, 4), np.int32)
-  source = np.empty(n, np.int32)
+  inverse = np.empty(n, np.int32)
   bounds = np.zeros(num_shards + 1, np.int64)
   power_of_two = (num_shards & (num_shards - 1)) == 0
   u = 0
@@ -634,12 +634,12 @@ def dedup_route(ids, num_shards):
       record[u, 2] = 1
       record[u, 3] = s
       bounds[s + 1] += 1
-      source[i] = i
+      inverse[i] = u
       u += 1
     else:
       record[index, 1] = i
       record[index, 2] += 1
-      source[i] = record[index, 0]
+      inverse[i] = index
   place = _group_by_shard(record[:u, 3], bounds, u)
   positions = np.empty(u, np.int64)
   lasts = np.empty(u, np.int64)
@@ -649,18 +649,34 @@ def dedup_route(ids, num_shards):
     positions[c] = record[v, 0]
     lasts[c] = record[v, 1]
     counts[c] = record[v, 2]
-  return positions, lasts, counts, bounds, source
+  if num_shards > 1:
+    for i in range(n):
+      inverse[i] = place[inverse[i]]
+  return positions, lasts, counts, bounds, inverse
 
 
 @_jit
-def copy_duplicates(out, source):
-  """Copies `out[source[i]]` into `out[i]` wherever `source[i] != i`."""
+def copy_duplicates(out, positions, inverse):
+  """Copies the row of each ID's first occurrence into its later occurrences.
+
+  `out[positions[c]]` holds the row of distinct ID c (see `dedup_route`).
+  """
   dim = out.shape[1]
   for i in range(out.shape[0]):
-    s = source[i]
-    if s != i:
+    first = positions[inverse[i]]
+    if first != i:
       for c in range(dim):
-        out[i, c] = out[s, c]
+        out[i, c] = out[first, c]
+
+
+@_jit
+def expand_rows(out, compact, inverse):
+  """Writes `compact[inverse[i]]` into `out[i]` for every i."""
+  dim = out.shape[1]
+  for i in range(out.shape[0]):
+    v = inverse[i]
+    for c in range(dim):
+      out[i, c] = compact[v, c]
 
 
 @_jit
@@ -757,14 +773,16 @@ def _resolve(ids, positions, table):
 
 
 @_jit
-def lookup_train(ids, positions, lasts, counts, out, rows, state, state_init, table,
-                 candidates, meta, counters, capacity, track_recency, seed_key, init_scale,
+def lookup_train(ids, positions, lasts, counts, out, out_offset, rows, state, state_init,
+                 table, candidates, meta, counters, capacity, track_recency, seed_key,
+                 init_scale,
                  admission_key, admission_threshold, min_count, sketch, sketch_key,
                  sketch_period, distinct, distinct_key, distinct_on_hits):
   """Gathers rows for training, inserting admitted absent IDs.
 
   Works once per distinct ID of the call (see `dedup_route`); the caller
-  copies the rows of repeated occurrences with `copy_duplicates`. Counters
+  then gives repeated occurrences their row (`copy_duplicates` or
+  `expand_rows`). Counters
   count occurrences, as if every occurrence were looked up in arrival order:
   an ID that is present records `count` hits; an absent one records misses
   until an occurrence is admitted, and hits after that.
@@ -775,7 +793,10 @@ def lookup_train(ids, positions, lasts, counts, out, rows, state, state_init, ta
       distinct IDs routed to this shard, ascending.
     lasts: int64 [k] the last occurrence of each of those IDs.
     counts: int32 [k] the occurrences of each.
-    out: float32 [n, dim]; row `positions[j]` receives the value of its ID.
+    out: float32 [n, dim] or [u, dim]; row `positions[j]` (or `out_offset +
+      j`) receives the value of its ID.
+    out_offset: -1 to write at the IDs' positions, or the index of this
+      shard's first ID in a compact `out` with one row per distinct ID.
     capacity: maximum rows of this shard; arrays hold min(capacity, used + k).
     track_recency: whether hits refresh their stamp (stores with a capacity).
     admission_threshold: uint64; an ID is admitted with probability
@@ -817,8 +838,8 @@ def lookup_train(ids, positions, lasts, counts, out, rows, state, state_init, ta
         _prefetch_rows(rows, found[ahead])
         if track_recency:
           prefetch2(table, slots[ahead], 0)
-    p = positions[j]
-    key = ids[p]
+    key = ids[positions[j]]
+    p = positions[j] if out_offset < 0 else out_offset + j
     occurrences = counts[j]
     if distinct_on_hits:
       _distinct_add(distinct, key, distinct_key)
@@ -883,7 +904,7 @@ def count_insert_candidates(ids, positions, table, admission_key, admission_thre
 
 
 @_jit
-def lookup_eval(ids, positions, counts, out, rows, table, counters, seed_key,
+def lookup_eval(ids, positions, counts, out, out_offset, rows, table, counters, seed_key,
                 init_scale, zeros_for_unknown):
   """Gathers rows read-only: absent IDs get their initial value or zeros.
 
@@ -901,7 +922,7 @@ def lookup_eval(ids, positions, counts, out, rows, table, counters, seed_key,
       ahead = found[j + PREFETCH_DISTANCE // 2]
       if ahead >= 0:
         _prefetch_rows(rows, ahead)
-    p = positions[j]
+    p = positions[j] if out_offset < 0 else out_offset + j
     row = found[j]
     if row >= 0:
       hits += counts[j]
@@ -913,7 +934,7 @@ def lookup_eval(ids, positions, counts, out, rows, table, counters, seed_key,
         for c in range(dim):
           out[p, c] = 0.0
       else:
-        _init_row(seed_key, ids[p], init_scale, out, p)
+        _init_row(seed_key, ids[positions[j]], init_scale, out, p)
   counters[C_EVAL_HITS] += hits
   counters[C_EVAL_MISSES] += misses
 

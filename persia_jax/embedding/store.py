@@ -10,8 +10,10 @@ the distinct IDs by shard (`kernels.dedup_route`, one compiled O(n) pass plus
 one pass over the distinct IDs; `kernels.dedup_sum_route` also sums the
 gradients of repeated IDs, in arrival order). Then it runs one compiled kernel
 per shard while holding that shard's `threading.Lock`; the kernel probes the
-shard's table once per distinct ID, and a lookup finally copies the row of
-the first occurrence of each ID to its repeats. The kernels (kernels.py) are
+shard's table once per distinct ID. When most IDs of a lookup repeat, the
+kernels write one compact row per distinct ID and a last pass expands them
+into the output in order. Otherwise they write the output in place, and only
+the repeats are copied. The kernels (kernels.py) are
 numba `nogil` functions, so calls from several threads run in parallel on
 different shards. A call takes its shards in the order their locks come free
 (it skips a shard another call holds and comes back to it), so concurrent
@@ -172,6 +174,11 @@ _MAX_SHARD_CAPACITY = 2**31 - 2  # Row slots are int32 and -1 marks "none".
 # Per-call kernels index a call's IDs with int32, and the 32-bit recency clock
 # must hold one call's positions above the renumbered stamps.
 _MAX_CALL_IDS = 2**30
+# Lookups with fewer distinct IDs than this fraction of all IDs gather into a
+# compact buffer and expand it (see `EmbeddingStore.lookup`). With 0.31
+# distinct IDs (a Zipf(1.1) batch) that measured about 10% faster than writing
+# in place and copying the repeats. With no repeats it measured 5-10% slower.
+_COMPACT_FRACTION = 0.75
 _MIN_ALLOCATION = 64
 # Growth factor of the shard arrays: each reallocation copies the used rows, so
 # 1.25 costs about four copies per row in total and wastes at most 20% of slots.
@@ -519,13 +526,22 @@ class EmbeddingStore:
       out = memory.aligned_empty((n, self.dim), np.float32)
     else:
       out = self._check_out(out, n)
-    positions, lasts, counts, bounds, source = kernels.dedup_route(ids, self.num_shards)
+    positions, lasts, counts, bounds, inverse = kernels.dedup_route(ids, self.num_shards)
     starts = bounds.tolist()
+    num_unique = positions.shape[0]
+    # With many repeats the shard kernels write one compact row per distinct
+    # ID, which stays in cache, and one pass expands it into `out` in order.
+    # With few, they write `out` in place and only the repeats are copied.
+    compact = None
+    if num_unique < _COMPACT_FRACTION * n:
+      compact = memory.aligned_empty((num_unique, self.dim), np.float32)
+    target = out if compact is None else compact
 
     def gather(shard: _Shard, s: int) -> None:
       # Called with the shard's lock held (see _for_each_shard).
       lo, hi = starts[s], starts[s + 1]
       shard_positions = positions[lo:hi]
+      offset = -1 if compact is None else lo
       if train:
         # A shard that evicts and whose arrays are already at its capacity
         # can neither grow nor overflow, so it skips the counting pass, which
@@ -539,7 +555,7 @@ class EmbeddingStore:
                 self._admission_threshold)
           shard.reserve(extra)
         kernels.lookup_train(
-            ids, shard_positions, lasts[lo:hi], counts[lo:hi], out, shard.rows,
+            ids, shard_positions, lasts[lo:hi], counts[lo:hi], target, offset, shard.rows,
             shard.state, self._state_init, shard.table, shard.candidates, shard.meta,
             shard.counters, shard.capacity, shard.track_recency, self._seed_key,
             self.init_scale, self._admission_key, self._admission_threshold,
@@ -548,13 +564,15 @@ class EmbeddingStore:
             not shard.distinct_covers_rows)
       else:
         kernels.lookup_eval(
-            ids, shard_positions, counts[lo:hi], out, shard.rows, shard.table,
+            ids, shard_positions, counts[lo:hi], target, offset, shard.rows, shard.table,
             shard.counters, self._seed_key, self.init_scale,
             self.unknown_id == "zeros")
 
     self._for_each_shard(_nonempty(starts), gather)
-    if positions.shape[0] < n:
-      kernels.copy_duplicates(out, source)
+    if compact is not None:
+      kernels.expand_rows(out, compact, inverse)
+    elif num_unique < n:
+      kernels.copy_duplicates(out, positions, inverse)
     return out
 
   def apply_gradients(self, ids: np.ndarray, grads: np.ndarray) -> None:
