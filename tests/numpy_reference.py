@@ -120,7 +120,13 @@ class DenseReference:
 
 
 class LruReference:
-  """An exact LRU cache of keys on an OrderedDict, touched once per occurrence."""
+  """An exact LRU cache of keys on an OrderedDict, with the store's call semantics.
+
+  One `lookup` call first refreshes the keys it finds, then inserts the
+  absent ones in order of first occurrence, each evicting the least recently
+  used key that the call does not contain. Afterwards the call's keys are the
+  most recent, ordered by their last occurrence.
+  """
 
   def __init__(self, capacity: int):
     self.capacity = capacity
@@ -128,15 +134,23 @@ class LruReference:
     self._keys = collections.OrderedDict()
 
   def lookup(self, keys) -> None:
-    """Touches each key in order, inserting absent ones and evicting the oldest."""
-    for key in np.asarray(keys).tolist():
+    """Applies one training lookup of `keys` (any order, repeats allowed)."""
+    keys = np.asarray(keys).tolist()
+    last = {key: i for i, key in enumerate(keys)}
+    for key in dict.fromkeys(keys):
       if key in self._keys:
-        self._keys.move_to_end(key)
         continue
       if len(self._keys) == self.capacity:
-        self._keys.popitem(last=False)
+        untouched = [k for k in self._keys if k not in last]
+        if untouched:
+          victim = untouched[0]
+        else:  # The call has more distinct keys than the capacity.
+          victim = min(self._keys, key=last.__getitem__)
+        del self._keys[victim]
         self.evictions += 1
       self._keys[key] = True
+    for key in sorted((k for k in self._keys if k in last), key=last.__getitem__):
+      self._keys.move_to_end(key)
 
   def keys(self) -> list[int]:
     """Returns the stored keys, least recently used first."""

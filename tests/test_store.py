@@ -339,6 +339,7 @@ def test_unbounded_store_keeps_no_eviction_candidates():
   store.lookup(np.arange(3000, dtype=np.uint64))
   for shard in store._shards:  # pylint: disable=protected-access
     assert shard.candidates.shape == (0, 2)
+  assert store.stats()["capacity"] is None
   # The index is one 16-byte table slot (key, stamp and row) per 0.8 rows,
   # at most; the arrays grow by 1.25x, so up to 20% of the rows are spare.
   assert store.bytes_per_row() <= (64 + 16 / kernels.MAX_LOAD) / 0.8 + 4096 * 2 / 3000
@@ -365,6 +366,18 @@ def test_signed_ids_converted_when_non_negative():
                                 store.lookup(_ids(5)))
 
 
+def test_python_int_lists_converted_exactly():
+  store = EmbeddingStore(3)
+  assert store.lookup([]).shape == (0, 3)
+  np.testing.assert_array_equal(store.lookup([2**63, 1, MAX_ID]),
+                                store.lookup(_ids(2**63, 1, MAX_ID)))
+
+
+def test_negative_python_int_rejected():
+  with pytest.raises(ValueError, match=r"in \[0, 2\*\*64 - 1\], got -2 at index 1"):
+    EmbeddingStore(3).lookup([4, -2])
+
+
 def test_negative_ids_rejected():
   with pytest.raises(ValueError, match="non-negative, got -3 at index 1"):
     EmbeddingStore(3).lookup(np.array([1, -3], np.int64))
@@ -374,6 +387,12 @@ def test_negative_ids_rejected():
 def test_non_integer_ids_rejected(ids):
   with pytest.raises(TypeError, match="integer array"):
     EmbeddingStore(3).lookup(ids)
+
+
+def test_import_rows_rejects_repeated_key():
+  store = EmbeddingStore(2, optimizer={"name": "sgd"})
+  with pytest.raises(ValueError, match="key 7 more than once"):
+    store.import_rows(_ids(3, 7, 7), np.zeros((3, 2), np.float32), np.zeros((3, 0), np.float32))
 
 
 def test_oversized_call_rejected(monkeypatch):

@@ -1,15 +1,15 @@
-"""Tests of training lookups whose rows change between resolution and use.
+"""Tests of training lookups that both read present IDs and insert absent ones.
 
-`kernels.lookup_train` resolves the rows of all IDs of a call before its main
-loop, so that it can prefetch them. An insert earlier in that loop can evict a
-resolved row and give its slot to another ID, or insert an ID that was absent
-when resolved. These tests pin the results in both cases to what one lookup
-per ID in arrival order gives.
+`kernels.lookup_train` first copies and refreshes every ID of a call that has
+a row, then inserts the absent ones. So an insert never evicts a row the same
+call reads, and evictions take the least recently used row the call does not
+touch, also when the eviction buffer is refilled in the middle of a call.
 """
 
 import numpy as np
 
 from persia_jax.embedding.store import EmbeddingStore
+from tests import numpy_reference
 
 
 def _ids(*values: int) -> np.ndarray:
@@ -25,29 +25,30 @@ def _trained_store() -> EmbeddingStore:
   return store
 
 
-def test_evicted_resolved_row_not_returned():
+def test_insert_spares_row_read_in_call():
   store = _trained_store()
-  # 4 misses and takes the row of 1, the least recently used. So 1 misses too
-  # and gets its initial value, not the row that 4 now owns.
+  trained = store.lookup(_ids(1), train=False)
+  # 4 is absent and 1 is the least recently used row, but this call reads 1,
+  # so 4 takes the row of 2 instead.
   out = store.lookup(_ids(4, 1))
-  np.testing.assert_array_equal(out, store.initial_values(_ids(4, 1)))
+  np.testing.assert_array_equal(out[0], store.initial_values(_ids(4))[0])
+  np.testing.assert_array_equal(out[1], trained[0])
 
 
-def test_evicted_resolved_row_counts_miss():
+def test_insert_and_read_in_one_call_counts():
   store = _trained_store()
   before = store.stats()
   store.lookup(_ids(4, 1))
   after = store.stats()
-  assert after["misses"] - before["misses"] == 2
-  assert after["hits"] - before["hits"] == 0
-  assert after["evictions"] - before["evictions"] == 2
+  assert after["misses"] - before["misses"] == 1
+  assert after["hits"] - before["hits"] == 1
+  assert after["evictions"] - before["evictions"] == 1
 
 
-def test_evicted_resolved_row_keeps_lru_order():
+def test_insert_and_read_in_one_call_lru_order():
   store = _trained_store()
-  store.lookup(_ids(4, 1))  # Evicts 1, then 2.
-  shard = store.export_shards()[0]
-  assert shard["keys"].tolist() == [3, 4, 1]
+  store.lookup(_ids(4, 1))  # Evicts 2; the call's IDs follow by last occurrence.
+  assert store.export_shards()[0]["keys"].tolist() == [3, 4, 1]
 
 
 def test_repeated_absent_id_hits_new_row():
@@ -58,3 +59,28 @@ def test_repeated_absent_id_hits_new_row():
   assert stats["misses"] == 1
   assert stats["hits"] == 1
   assert stats["rows"] == 1
+
+
+def test_eviction_after_refill_within_call_is_exact():
+  # The second call inserts 3 and then 0, whose eviction refills the buffer
+  # while 3 (a row of this call) is stored. The third call must evict 0, the
+  # least recently used, not 3.
+  store = EmbeddingStore(1, num_shards=1, capacity=2, optimizer={"name": "sgd"})
+  for call in ([2, 2], [3, 0, 3, 3], [1]):
+    store.lookup(np.array(call, np.uint64))
+  assert store.export_shards()[0]["keys"].tolist() == [3, 1]
+
+
+def test_small_shards_match_reference_lru():
+  # Small capacities keep rows of the current call in the eviction buffer,
+  # which is where an inexact buffer would show.
+  rng = np.random.default_rng(11)
+  for capacity in (2, 3, 5, 17):
+    store = EmbeddingStore(1, num_shards=1, capacity=capacity, optimizer={"name": "sgd"})
+    model = numpy_reference.LruReference(capacity)
+    for _ in range(300):
+      batch = rng.integers(0, 3 * capacity, rng.integers(1, capacity + 1)).astype(np.uint64)
+      store.lookup(batch)
+      model.lookup(batch)
+      assert store.export_shards()[0]["keys"].tolist() == model.keys(), capacity
+    assert store.stats()["evictions"] == model.evictions

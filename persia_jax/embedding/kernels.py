@@ -22,7 +22,8 @@ Shard arrays (`A` allocated rows, `T` table slots, `S` optimizer slot width):
           stamp order (see `_next_victim`). Empty without a capacity.
   meta:   int64 [META_SIZE]: used rows, recency clock, admission-sketch
           increments since the last halving, next and end index into
-          `candidates`.
+          `candidates`, and the call clock of a fallback fill (-1 if none;
+          see `_next_victim`).
   counters: int64 [NUM_COUNTERS], see the COUNTER_NAMES tuple.
 
 The map uses linear probing with backward-shift deletion (no tombstones), and
@@ -70,9 +71,9 @@ ADMISSION_SALT = 0xA5A5_0F0F_3C3C_9696
 SKETCH_SALT = 0x5EED_C0DE_0BAD_F00D
 DISTINCT_SALT = 0xD157_1AC7_1D5E_E000
 
-META_SIZE = 5
+META_SIZE = 6
 META_USED, META_CLOCK, META_SKETCH_ADDS = 0, 1, 2
-META_CANDIDATE_NEXT, META_CANDIDATE_END = 3, 4
+META_CANDIDATE_NEXT, META_CANDIDATE_END, META_CANDIDATE_FALLBACK = 3, 4, 5
 
 # Table entries: word 1 of a slot is (stamp << 32) | row, or EMPTY.
 EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -352,13 +353,27 @@ def reserve_clock(table, candidates, meta, steps):
 
 
 @_jit
-def _refill_candidates(table, candidates, meta):
+def _refill_candidates(table, candidates, meta, before):
   """Fills `candidates` with the keys and stamps of the K smallest stamps, in stamp order.
 
+  Only entries with a stamp below `before` qualify, unless there are none.
   O(table) selection plus a sort of the K selected entries, once per K
   evictions.
   """
-  slots = _occupied(table, meta[META_USED])
+  occupied = _occupied(table, meta[META_USED])
+  eligible = 0
+  for i in range(occupied.shape[0]):
+    if _entry_stamp(table[occupied[i], 1]) < before:
+      occupied[eligible] = occupied[i]
+      eligible += 1
+  if eligible > 0:
+    slots = occupied[:eligible]
+    meta[META_CANDIDATE_FALLBACK] = -1
+  else:
+    # The buffer then mixes stamps of the current call, so it is valid only
+    # within this call (see _next_victim).
+    slots = _occupied(table, meta[META_USED])
+    meta[META_CANDIDATE_FALLBACK] = before
   count = min(candidates.shape[0], slots.shape[0])
   stamps = np.empty(slots.shape[0], np.int64)
   for i in range(slots.shape[0]):
@@ -380,19 +395,29 @@ def _refill_candidates(table, candidates, meta):
 
 
 @_jit
-def _next_victim(table, candidates, meta):
-  """Returns (slot, row) of the least recently used entry, exactly.
+def _next_victim(table, candidates, meta, before):
+  """Returns (slot, row) of the least recently used entry with a stamp below `before`.
 
-  The buffer contains the keys and stamps of the K smallest stamps when it was
+  The caller passes the clock at the start of its call, so the victim is
+  the least recently used row the call has not touched, exactly. The buffer
+  contains the keys and stamps of the K smallest such stamps when it was
   filled, in stamp order. An entry whose stamp changed since (a touch) or
-  that is gone is skipped. Stamps are unique and a touch only raises one,
-  so every entry outside the buffer had, and still has, a larger stamp than
-  each untouched buffer entry, and the first untouched entry left in the
-  buffer has the smallest stamp of the shard.
+  that is gone is skipped. Stamps are unique, and every stamp given out
+  after the fill is at least `before`, so every entry outside the buffer
+  has a larger stamp than each untouched buffer entry, and the first
+  untouched entry left in the buffer has the smallest stamp. When every
+  entry has a stamp of `before` or more (the call touched the whole shard),
+  the buffer takes the smallest stamps of all entries instead. Rows the call
+  inserts later may then have smaller stamps than the buffer's, so the order
+  among the call's own rows is approximate, and that buffer is dropped at
+  the next call.
   """
+  fallback = meta[META_CANDIDATE_FALLBACK]
+  if fallback >= 0 and fallback != before:
+    meta[META_CANDIDATE_NEXT] = meta[META_CANDIDATE_END]
   while True:
     if meta[META_CANDIDATE_NEXT] >= meta[META_CANDIDATE_END]:
-      _refill_candidates(table, candidates, meta)
+      _refill_candidates(table, candidates, meta, before)
     i = meta[META_CANDIDATE_NEXT]
     meta[META_CANDIDATE_NEXT] = i + 1
     slot, row = _find(table, candidates[i, 0])
@@ -401,19 +426,20 @@ def _next_victim(table, candidates, meta):
 
 
 @_jit
-def _claim_row(key, stamp, table, candidates, meta, capacity, counters):
+def _claim_row(key, stamp, before, table, candidates, meta, capacity, counters):
   """Returns a row slot for absent `key`, evicting the LRU entry when full.
 
   The caller has checked that `key` is absent and that the arrays hold at
-  least min(capacity, used + 1) rows. The key is entered with `stamp`, but
-  the row's values are left for the caller to write.
+  least min(capacity, used + 1) rows. The victim is the least recently used
+  entry with a stamp below `before` (see `_next_victim`). The key is entered
+  with `stamp`, but the row's values are left for the caller to write.
   """
   used = meta[META_USED]
   if used < capacity:
     row = used
     meta[META_USED] = used + 1
   else:
-    slot, row = _next_victim(table, candidates, meta)
+    slot, row = _next_victim(table, candidates, meta, before)
     _delete_slot(table, slot)
     counters[C_EVICTIONS] += 1
   _insert_entry(table, key, stamp, row)
@@ -809,20 +835,21 @@ def lookup_train(ids, positions, lasts, counts, out, out_offset, rows, state, st
       (rows come only from misses or from an import with its registers),
       because adding such an ID again changes nothing.
 
-  Recency: the stamp of a looked-up row is the shard clock at the start of
-  the call plus the ID's last occurrence, and the clock then advances by n.
-  So the rows of one call are ordered by last occurrence, as per-occurrence
-  touches would order them. All of them are more recent than every row the
-  call did not touch, so inserts during the call evict only untouched rows.
+  Two passes: the first copies and refreshes every ID that has a row, the
+  second inserts the absent ones. So a call never evicts a row it reads.
+  The stamp of a looked-up or inserted row is the shard clock at the start
+  of the call plus the ID's last occurrence, and the clock then advances by
+  n, so the rows of one call are ordered by last occurrence and are more
+  recent than every row the call did not touch. Inserts evict the least
+  recently used untouched row (`before` in `_claim_row`), and only a call
+  with more distinct IDs than the shard's capacity evicts its own rows.
   """
   dim = rows.shape[1]
   n = ids.shape[0]
   # Resolve every ID first with overlapped read-only probes (see _resolve),
-  # so the loop below has the slot and row of the ID ahead and prefetches
-  # both. A resolved slot still contains this ID unless an insert earlier in
-  # this loop evicted an entry, whose deletion shifts later entries of its
-  # probe run back. So the loop checks the key, and probes again when it
-  # differs or when the ID was absent.
+  # so the first pass has the slot and row of the ID ahead and prefetches
+  # both. Nothing is inserted or deleted before the second pass, so every
+  # resolved slot is still valid in the first.
   slots, found = _resolve(ids, positions, table)
   k = positions.shape[0]
   hits = 0
@@ -831,6 +858,7 @@ def lookup_train(ids, positions, lasts, counts, out, out_offset, rows, state, st
   inserts = 0
   clock = reserve_clock(table, candidates, meta, n)
   meta[META_CLOCK] = clock + n
+  absent = 0
   for j in range(k):
     if j + PREFETCH_DISTANCE // 2 < k:
       ahead = j + PREFETCH_DISTANCE // 2
@@ -838,26 +866,27 @@ def lookup_train(ids, positions, lasts, counts, out, out_offset, rows, state, st
         _prefetch_rows(rows, found[ahead])
         if track_recency:
           prefetch2(table, slots[ahead], 0)
+    row = found[j]
+    if row < 0:
+      # Absent IDs move to the front of `found`, as indices, for pass two.
+      found[absent] = j
+      absent += 1
+      continue
+    key = ids[positions[j]]
+    p = positions[j] if out_offset < 0 else out_offset + j
+    if distinct_on_hits:
+      _distinct_add(distinct, key, distinct_key)
+    hits += counts[j]
+    if track_recency:
+      table[slots[j], 1] = _entry(clock + lasts[j], row)
+    for c in range(dim):
+      out[p, c] = rows[row, c]
+  for a in range(absent):
+    j = found[a]
     key = ids[positions[j]]
     p = positions[j] if out_offset < 0 else out_offset + j
     occurrences = counts[j]
-    if distinct_on_hits:
-      _distinct_add(distinct, key, distinct_key)
-    slot = slots[j]
-    entry = table[slot, 1]
-    if found[j] < 0 or entry == EMPTY or table[slot, 0] != key:
-      slot, _ = _find(table, key)
-      entry = table[slot, 1]
-    if entry != EMPTY:
-      row = _entry_row(entry)
-      hits += occurrences
-      if track_recency:
-        table[slot, 1] = _entry(clock + lasts[j], row)
-      for c in range(dim):
-        out[p, c] = rows[row, c]
-      continue
-    if not distinct_on_hits:
-      _distinct_add(distinct, key, distinct_key)
+    _distinct_add(distinct, key, distinct_key)
     # The occurrence that gets admitted (1-based); 0 when none is.
     admitted_at = 1 if _passes_admission(key, admission_key, admission_threshold) else 0
     if admitted_at and min_count > 1:
@@ -874,7 +903,8 @@ def lookup_train(ids, positions, lasts, counts, out, out_offset, rows, state, st
     misses += admitted_at
     rejected += admitted_at - 1
     hits += occurrences - admitted_at
-    row = _claim_row(key, clock + lasts[j], table, candidates, meta, capacity, counters)
+    row = _claim_row(key, clock + lasts[j], clock, table, candidates, meta, capacity,
+                     counters)
     _init_row(seed_key, key, init_scale, rows, row)
     for c in range(state_init.shape[0]):
       state[row, c] = state_init[c]
@@ -1157,7 +1187,9 @@ def insert_rows(new_keys, new_rows, new_state, rows, state, table, candidates, m
     if row >= 0:
       table[slot, 1] = _entry(clock, row)
     else:
-      row = _claim_row(key, clock, table, candidates, meta, capacity, counters)
+      # Stamps grow with every row here, so every entry may be a victim.
+      row = _claim_row(key, clock, MAX_STAMP + 1, table, candidates, meta, capacity,
+                       counters)
     clock += 1
     meta[META_CLOCK] = clock
     rows[row, :] = new_rows[i, :]

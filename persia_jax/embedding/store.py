@@ -68,20 +68,23 @@ count, capacity or arrival order; `initial_values(ids)` returns it.
 
 Eviction. The `capacity` rows of a store are split evenly over the shards (the
 first `capacity % num_shards` shards get one more), and a shard that is full
-evicts its least recently used row. Recency is exact: a training lookup of n
-IDs stamps each looked-up row with the shard clock plus the position of the
-ID's last occurrence in the call and advances the clock by n, so rows are
-ordered as if every occurrence had touched its row in arrival order. Eviction
-takes the entry with the smallest stamp from a buffer of the entries with the
-smallest stamps, refilled by an O(table) selection once per min(capacity /
-32, 2**19) evictions, so about 32 entry reads per eviction;
-kernels._next_victim explains why this is exact. Rows that one call touches
-are all more recent than the rows it does not touch, and inserts during the
-call evict only the latter, unless the call has more distinct IDs than the
-shard's capacity. Training lookups refresh recency; gradient updates and
-`train=False` lookups do not. Because routing is random, shards fill
-unevenly, so a store may start evicting slightly before it contains
-`capacity` rows.
+evicts its least recently used row. A training lookup first reads and
+refreshes the IDs that have rows, then inserts the absent ones, so a call
+never evicts a row it reads (one lookup per occurrence in arrival order
+would evict a row that an earlier insert of the same call found least
+recently used). Each looked-up or inserted row is stamped with the shard
+clock plus the position of the ID's last occurrence in the call, and the
+clock then advances by n, so the call's rows are the most recent, ordered by
+last occurrence. Recency is exact: an insert evicts the row with the
+smallest stamp among the rows the call does not touch. It comes from a buffer
+of the entries with the smallest stamps, refilled by an O(table) selection
+once per min(capacity / 32, 2**19) evictions, so about 32 entry reads per
+eviction; kernels._next_victim explains why this is exact. Only a call with
+more distinct IDs than a shard's capacity evicts rows it touched, and the
+order among those is approximate. Training lookups refresh recency;
+gradient updates and `train=False` lookups do not. Because routing is random,
+shards fill unevenly, so a store may start evicting slightly before it
+contains `capacity` rows.
 
 Admission. A training lookup of an absent ID first checks admission: the ID
 passes with probability `admission_probability`, decided by a hash of (seed,
@@ -191,14 +194,27 @@ def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
   """Converts `ids` to a C-contiguous uint64 [n] array.
 
   Unsigned integer arrays are widened; signed integer arrays are accepted when
-  no value is negative.
+  no value is negative. A list or tuple of Python integers is converted
+  exactly, also when it is empty or has values of 2**63 or more (which numpy
+  would turn into float64).
 
   Raises:
     TypeError: if the dtype is not an integer type.
     ValueError: if the array is not 1-D, has more than 2**30 entries or
       contains a negative value.
   """
-  array = np.asarray(ids)
+  if isinstance(ids, (list, tuple)) and all(
+      isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+      for value in ids):
+    values = [int(value) for value in ids]
+    for index, value in enumerate(values):
+      if not 0 <= value <= _UINT64_MASK:
+        raise ValueError(
+            f"{name} must be in [0, 2**64 - 1], got {value} at index {index}; map"
+            " negative IDs to uint64 first.")
+    array = np.array(values, np.uint64)
+  else:
+    array = np.asarray(ids)
   if array.ndim != 1:
     raise ValueError(f"{name} must be 1-D, got shape {array.shape}; flatten it first.")
   if array.shape[0] > _MAX_CALL_IDS:
@@ -236,6 +252,7 @@ class _Shard:
     self.capacity = capacity
     self.track_recency = track_recency
     self.meta = np.zeros(kernels.META_SIZE, np.int64)
+    self.meta[kernels.META_CANDIDATE_FALLBACK] = -1
     # Eviction candidates (see kernels._next_victim), a key and a stamp each.
     # An O(table) selection refills them once per len(candidates) evictions.
     # With 1/32 of the capacity (at most 512 K entries, 8 MiB) that costs
@@ -635,15 +652,18 @@ class EmbeddingStore:
         stack.enter_context(shard.lock)
       yield
 
-  def stats(self) -> dict[str, int]:
-    """Returns the counters summed over shards (see the module docstring)."""
+  def stats(self) -> dict[str, int | None]:
+    """Returns the counters summed over shards (see the module docstring).
+
+    "capacity" is None for a store without a capacity.
+    """
     with self._all_locks():
       counters = np.sum([shard.counters for shard in self._shards], axis=0)
       registers = np.max([shard.distinct for shard in self._shards], axis=0)
       rows = sum(shard.used for shard in self._shards)
     result = {name: int(value) for name, value in zip(kernels.COUNTER_NAMES, counters)}
     result["rows"] = rows
-    result["capacity"] = sum(self._shard_capacities)
+    result["capacity"] = self.capacity
     result["distinct_ids_seen"] = kernels.distinct_estimate(registers)
     return result
 
@@ -769,6 +789,12 @@ class EmbeddingStore:
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     state = np.ascontiguousarray(state, dtype=np.float32)
     r = keys.shape[0]
+    distinct, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    if distinct.shape[0] < r:
+      repeated = int(np.argmax(counts > 1))
+      raise ValueError(
+          f"import_rows got key {distinct[repeated]} more than once (first at index"
+          f" {first[repeated]}); pass each key once.")
     if rows.shape != (r, self.dim) or state.shape != (r, self._slot_width):
       raise ValueError(
           f"import_rows expects rows [{r}, {self.dim}] and state [{r},"
