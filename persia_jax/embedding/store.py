@@ -10,9 +10,9 @@ the distinct IDs by shard (`kernels.dedup_route`, one compiled O(n) pass plus
 one pass over the distinct IDs; `kernels.dedup_sum_route` also sums the
 gradients of repeated IDs, in arrival order). Then it runs one compiled kernel
 per shard while holding that shard's `threading.Lock`; the kernel probes the
-shard's table once per distinct ID. When most IDs of a lookup repeat, the
-kernels write one compact row per distinct ID and a last pass expands them
-into the output in order. Otherwise they write the output in place, and only
+shard's table once per distinct ID. When most IDs of a lookup repeat and
+their rows fit in 2 MiB, the kernels write one compact row per distinct ID
+and a last pass expands them into the output in order. Otherwise they write the output in place, and only
 the repeats are copied. The kernels (kernels.py) are
 numba `nogil` functions, so calls from several threads run in parallel on
 different shards. A call takes its shards in the order their locks come free
@@ -178,10 +178,14 @@ _MAX_SHARD_CAPACITY = 2**31 - 2  # Row slots are int32 and -1 marks "none".
 # must hold one call's positions above the renumbered stamps.
 _MAX_CALL_IDS = 2**30
 # Lookups with fewer distinct IDs than this fraction of all IDs gather into a
-# compact buffer and expand it (see `EmbeddingStore.lookup`). With 0.31
-# distinct IDs (a Zipf(1.1) batch) that measured about 10% faster than writing
-# in place and copying the repeats. With no repeats it measured 5-10% slower.
+# compact buffer and expand it (see `EmbeddingStore.lookup`), if that buffer
+# is at most _COMPACT_MAX_BYTES, so that it stays in a core's cache (2 MiB of
+# L2 on the 2-core benchmark VM). With 0.31 distinct IDs (a Zipf(1.1) batch of
+# 65,536) that measured about 10% faster than writing in place and copying the
+# repeats at dim 16 (1.3 MB buffer). It was 5-10% slower at dim 64 (5 MB) and
+# with no repeats.
 _COMPACT_FRACTION = 0.75
+_COMPACT_MAX_BYTES = 2 << 20
 _MIN_ALLOCATION = 64
 # Growth factor of the shard arrays: each reallocation copies the used rows, so
 # 1.25 costs about four copies per row in total and wastes at most 20% of slots.
@@ -548,9 +552,11 @@ class EmbeddingStore:
     num_unique = positions.shape[0]
     # With many repeats the shard kernels write one compact row per distinct
     # ID, which stays in cache, and one pass expands it into `out` in order.
-    # With few, they write `out` in place and only the repeats are copied.
+    # With few repeats, or rows too many to stay in cache, they write `out`
+    # in place and only the repeats are copied.
     compact = None
-    if num_unique < _COMPACT_FRACTION * n:
+    if (num_unique < _COMPACT_FRACTION * n
+        and 4 * num_unique * self.dim <= _COMPACT_MAX_BYTES):
       compact = memory.aligned_empty((num_unique, self.dim), np.float32)
     target = out if compact is None else compact
 
