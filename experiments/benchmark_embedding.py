@@ -505,6 +505,12 @@ def run_benchmark(config: BenchmarkConfig, seed: int = 0) -> dict:
   return results
 
 
+def _span(values: Sequence[float], digits: int) -> str:
+  """Formats the range of `values` as "low-high", or one number when they round alike."""
+  low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+  return low if low == high else f"{low}-{high}"
+
+
 def _duration(seconds: float) -> str:
   if seconds < 2:
     return "under 2 seconds"
@@ -537,10 +543,11 @@ def render_markdown(results: dict, command: str) -> str:
       " batches and the number is the combined rate. The reference is a compiled"
       " numba gather (for lookups) or scatter-add (for updates) with precomputed row"
       " indices over a plain float32 array. Each operation is timed in two rounds"
-      f" of {results['config']['repeats']} passes over its batches, each round"
-      " followed by the same number of passes of its reference over the same IDs,"
-      " and ratio = best operation pass / best reference pass at the same thread"
-      " count. The reference rows show the reference timed alone at the start. Pooled lookups go through"
+      f" of {results['config']['repeats']} pass(es) over its batches, each round"
+      " followed by as many passes of its reference over the same IDs, and ratio ="
+      " best operation pass / best reference pass at the same thread count. Those"
+      " paired reference rates are in the JSON (`paired_reference`); the reference"
+      " rows below show the reference timed alone at the start. Pooled lookups go through"
       f" `EmbeddingWorker` (dedup, one store lookup, sum over bags of {results['bag_size']}).",
       "",
   ]
@@ -630,22 +637,22 @@ def _findings(results: dict) -> list[str]:
     reference_scaling = [table["reference_gather"][d]["2"] / table["reference_gather"][d]["1"]
                          for d in DISTRIBUTIONS]
     lines += [
-        f"- {name}: store lookups reach {min(lookup):.2f}-{max(lookup):.2f}x of the"
+        f"- {name}: store lookups reach {_span(lookup, 2)}x of the"
         " reference gather with 1 thread. The reference reads one random line per"
         " ID (its row). The store deduplicates the call (a probe of a small"
         " per-call hash table per ID, a row copy per repeat) and then reads two"
         " random lines per distinct ID: the table line with key, row slot and"
         " stamp, then the row. With few repeats (uniform IDs) that second line"
         " bounds the ratio near 0.5. Eval lookups, which store no stamps and"
-        f" insert nothing, run at {min(eval_speedup):.1f}-{max(eval_speedup):.1f}x"
+        f" insert nothing, run at {_span(eval_speedup, 1)}x"
         " the speed of training lookups.",
         f"- {name}: pooled lookups through the worker run at"
-        f" {min(pooled):.1f}-{max(pooled):.1f}x the speed of plain store lookups of the"
+        f" {_span(pooled, 1)}x the speed of plain store lookups of the"
         " same IDs. The worker looks up each unique ID once (unique IDs were"
         f" {table['unique_ratio']:.2f} of all IDs over these batches).",
     ]
     scaling = (f"- {name}: the reference gather scales"
-               f" {min(reference_scaling):.2f}-{max(reference_scaling):.2f}x from 1 to 2"
+               f" {_span(reference_scaling, 2)}x from 1 to 2"
                " threads in this run")
     if results.get("quick"):
       scaling += "."

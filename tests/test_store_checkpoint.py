@@ -198,3 +198,13 @@ def test_load_into_smaller_capacity_keeps_most_recent(tmp_path):
   target.restore(path)
   (shard,) = target.export_shards()
   assert shard["keys"].tolist() == [8, 9, 0]
+
+
+def test_load_drops_count_as_evictions(tmp_path):
+  store = EmbeddingStore(4, num_shards=4, capacity=8, optimizer={"name": "sgd"})
+  store.lookup(np.arange(100, dtype=np.uint64))
+  store.save(str(tmp_path / "ckpt"))
+  loaded = EmbeddingStore.load(str(tmp_path / "ckpt"), num_shards=3)
+  stats = loaded.stats()
+  assert stats["inserts"] == 100
+  assert stats["inserts"] - stats["evictions"] == stats["rows"]

@@ -26,7 +26,10 @@ stamp (32 bits each). Linear probing, backward-shift deletion (no
 tombstones), home slot from the high bits of MurmurHash3's fmix64 finalizer,
 which is independent of the routing hash. A slot is free when its entry is
 EMPTY, so occupancy never depends on the key. The table is kept at most 75%
-full.
+full. NOTE: neither this hash nor the per-call deduplication hash is keyed,
+so IDs crafted to collide (for example fmix64 preimages of one slot) make
+probes linear in their number. Hash IDs from untrusted clients with a keyed
+hash before they reach the store.
 
 Memory. Per shard, rows (float32 [A, dim]), optimizer state (float32 [A,
 slot_width]) and the table (uint64 [T, 2]) are 64-byte aligned arrays from
@@ -213,9 +216,10 @@ def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
     values = [int(value) for value in ids]
     for index, value in enumerate(values):
       if not 0 <= value <= _UINT64_MASK:
+        hint = ("map negative IDs to uint64 first" if value < 0 else
+                "hash larger IDs into 64 bits first")
         raise ValueError(
-            f"{name} must be in [0, 2**64 - 1], got {value} at index {index}; map"
-            " negative IDs to uint64 first.")
+            f"{name} must be in [0, 2**64 - 1], got {value} at index {index}; {hint}.")
     array = np.array(values, np.uint64)
   else:
     array = np.asarray(ids)
@@ -366,7 +370,9 @@ class EmbeddingStore:
         _MAX_SHARD_CAPACITY * num_shards):
       raise ValueError(
           f"capacity must be between num_shards={num_shards} and"
-          f" {_MAX_SHARD_CAPACITY * num_shards} rows (or None), got {capacity}.")
+          f" {_MAX_SHARD_CAPACITY * num_shards} rows (or None), got {capacity}; every"
+          " shard needs at least one row, so use at most as many shards as rows of"
+          " capacity.")
     if not (math.isfinite(init_scale) and init_scale >= 0):
       raise ValueError(f"init_scale must be finite and >= 0, got {init_scale}.")
     if not 0.0 <= admission_probability <= 1.0:
@@ -813,11 +819,15 @@ class EmbeddingStore:
         kernels.insert_rows(keys[positions], rows[positions], state[positions],
                             shard.rows, shard.state, shard.table, shard.candidates,
                             shard.meta, shard.capacity, shard.counters)
+      # Rows dropped here because the capacity is smaller count as evictions,
+      # so that inserts - evictions == rows stays true after a restore.
+      dropped = sum(int(shard.counters[kernels.C_EVICTIONS]) for shard in fresh)
       for shard in fresh:
         shard.counters[:] = 0
       if counters is not None:
         for index, counter_name in enumerate(kernels.COUNTER_NAMES):
           fresh[0].counters[index] = int(counters.get(counter_name, 0))
+      fresh[0].counters[kernels.C_EVICTIONS] += dropped
       if distinct_registers is not None:
         fresh[0].distinct[:] = distinct_registers
       else:
