@@ -22,15 +22,15 @@ class EmbeddingStoreAPI(Protocol):
     """Gathers float32 [len(ids), dim] rows for uint64 [n] `ids`.
 
     Duplicates get one row each. With `train=True` unknown IDs are admitted and
-    inserted and lookups refresh recency; with `train=False` nothing is
-    inserted or refreshed.
+    inserted and lookups refresh recency; a call never evicts a row it reads.
+    With `train=False` nothing is inserted or refreshed.
     """
 
   def apply_gradients(self, ids: np.ndarray, grads: np.ndarray) -> None:
     """Sums float32 [n, dim] `grads` over duplicate `ids`, then updates each row once."""
 
-  def stats(self) -> dict[str, int]:
-    """Counters such as hits, misses, inserts, evictions."""
+  def stats(self) -> dict[str, int | None]:
+    """Counters such as hits, misses, inserts and evictions; "capacity" is None if unlimited."""
 
   def save(self, path: str) -> None:
     """Writes all shards with optimizer state to `path` atomically."""
