@@ -40,7 +40,7 @@ capacity, so a full shard allocates exactly `capacity` rows. The index adds 16
 for 1/32 of the capacity) per row to the 4 * (dim + slot_width) bytes of row
 and state, plus 4 KiB per shard of distinct-ID registers;
 `bytes_per_row()` reports the measured total. That meets 1.25x of row and
-state for rows of 87 bytes or more (dim >= 22 with SGD, dim >= 11 with
+state for rows of 88 bytes or more (dim >= 22 with SGD, dim >= 11 with
 Adagrad). Below that the key (8 bytes), row slot and stamp (4 each) alone
 reach a quarter of a 64-byte row before any free table slot, so exact LRU
 over 64-bit IDs cannot fit 1.25x there.
