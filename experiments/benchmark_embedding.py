@@ -543,10 +543,10 @@ def render_markdown(results: dict, command: str) -> str:
       " batches and the number is the combined rate. The reference is a compiled"
       " numba gather (for lookups) or scatter-add (for updates) with precomputed row"
       " indices over a plain float32 array. Each operation is timed in two rounds"
-      f" of {results['config']['repeats']} pass(es) over its batches, each round"
-      " followed by as many passes of its reference over the same IDs, and ratio ="
+      f" of {results['config']['repeats']} pass(es) over its batches. After each"
+      " round, its reference makes as many passes over the same IDs. Ratio ="
       " best operation pass / best reference pass at the same thread count. Those"
-      " paired reference rates are in the JSON (`paired_reference`); the reference"
+      " paired reference rates are in the JSON (`paired_reference`). The reference"
       " rows below show the reference timed alone at the start. Pooled lookups go through"
       f" `EmbeddingWorker` (dedup, one store lookup, sum over bags of {results['bag_size']}).",
       "",
@@ -639,9 +639,9 @@ def _findings(results: dict) -> list[str]:
     lines += [
         f"- {name}: store lookups reach {_span(lookup, 2)}x of the"
         " reference gather with 1 thread. The reference reads one random line per"
-        " ID (its row). The store deduplicates the call (a probe of a small"
-        " per-call hash table per ID, a row copy per repeat) and then reads two"
-        " random lines per distinct ID: the table line with key, row slot and"
+        " ID (its row). The store first deduplicates the call, with a probe of a"
+        " small per-call hash table per ID and a row copy per repeat. Then it reads"
+        " two random lines per distinct ID: the table line with key, row slot and"
         " stamp, then the row. With few repeats (uniform IDs) that second line"
         " bounds the ratio near 0.5. Eval lookups, which store no stamps and"
         f" insert nothing, run at {_span(eval_speedup, 1)}x"

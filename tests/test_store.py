@@ -340,8 +340,8 @@ def test_unbounded_store_keeps_no_eviction_candidates():
   for shard in store._shards:  # pylint: disable=protected-access
     assert shard.candidates.shape == (0, 2)
   assert store.stats()["capacity"] is None
-  # The index is one 16-byte table slot (key, stamp and row) per 0.8 rows,
-  # at most; the arrays grow by 1.25x, so up to 20% of the rows are spare.
+  # The index is one 16-byte table slot (key, stamp and row) per MAX_LOAD
+  # rows. The arrays grow by 1.25x, so up to 20% of the allocated rows are spare.
   assert store.bytes_per_row() <= (64 + 16 / kernels.MAX_LOAD) / 0.8 + 4096 * 2 / 3000
 
 

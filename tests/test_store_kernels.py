@@ -189,7 +189,7 @@ def test_copy_duplicates_fills_repeats_from_first_occurrence():
 def test_expand_rows_gives_each_id_its_compact_row(num_shards):
   ids = _random_ids(8, 500, 40)
   positions, *_, inverse = kernels.dedup_route(ids, num_shards)
-  # Compact row c holds the first position of distinct ID c as its value.
+  # Compact row c contains the first position of distinct ID c as its value.
   compact = np.repeat(positions.astype(np.float32)[:, None], 2, axis=1)
   out = np.zeros((ids.shape[0], 2), np.float32)
   kernels.expand_rows(out, compact, inverse)

@@ -403,7 +403,7 @@ def _next_victim(table, candidates, meta, before):
   contains the keys and stamps of the K smallest such stamps when it was
   filled, in stamp order. An entry whose stamp changed since (a touch) or
   that is gone is skipped. Stamps are unique, and every stamp given out
-  after the fill is at least `before`, so every entry outside the buffer
+  after the fill is at least `before`. So every entry outside the buffer
   has a larger stamp than each untouched buffer entry, and the first
   untouched entry left in the buffer has the smallest stamp. When every
   entry has a stamp of `before` or more (the call touched the whole shard),
@@ -599,6 +599,16 @@ def _shard_index(key, num_shards, power_of_two):
 
 
 @_inline_jit
+def _add_distinct(slots, slot, unique, u, key, bounds, num_shards, power_of_two):
+  """Enters `key` as distinct ID `u` at its empty `slot`; returns and counts its shard."""
+  slots[slot] = u
+  unique[u] = key
+  s = _shard_index(key, num_shards, power_of_two)
+  bounds[s + 1] += 1
+  return s
+
+
+@_inline_jit
 def _group_by_shard(shard_of, bounds, u):
   """Returns int64 [u] the place of each distinct ID when grouped by shard.
 
@@ -652,14 +662,11 @@ def dedup_route(ids, num_shards):
     key = ids[i]
     slot, index = local_find(slots, mask, shift, unique, key)
     if index < 0:
-      slots[slot] = u
-      unique[u] = key
-      s = _shard_index(key, num_shards, power_of_two)
+      record[u, 3] = _add_distinct(slots, slot, unique, u, key, bounds, num_shards,
+                                   power_of_two)
       record[u, 0] = i
       record[u, 1] = i
       record[u, 2] = 1
-      record[u, 3] = s
-      bounds[s + 1] += 1
       inverse[i] = u
       u += 1
     else:
@@ -685,7 +692,7 @@ def dedup_route(ids, num_shards):
 def copy_duplicates(out, positions, inverse):
   """Copies the row of each ID's first occurrence into its later occurrences.
 
-  `out[positions[c]]` holds the row of distinct ID c (see `dedup_route`).
+  `out[positions[c]]` contains the row of distinct ID c (see `dedup_route`).
   """
   dim = out.shape[1]
   for i in range(out.shape[0]):
@@ -738,14 +745,11 @@ def dedup_sum_route(ids, grads, num_shards):
     key = ids[i]
     slot, index = local_find(slots, mask, shift, unique, key)
     if index < 0:
-      slots[slot] = u
-      unique[u] = key
+      shard_of[u] = _add_distinct(slots, slot, unique, u, key, bounds, num_shards,
+                                  power_of_two)
       count[u] = 1
       for c in range(dim):
         summed[u, c] = grads[i, c]
-      s = _shard_index(key, num_shards, power_of_two)
-      shard_of[u] = s
-      bounds[s + 1] += 1
       u += 1
     else:
       count[index] += 1
@@ -839,8 +843,8 @@ def lookup_train(ids, positions, lasts, counts, out, out_offset, rows, state, st
   second inserts the absent ones. So a call never evicts a row it reads.
   The stamp of a looked-up or inserted row is the shard clock at the start
   of the call plus the ID's last occurrence, and the clock then advances by
-  n, so the rows of one call are ordered by last occurrence and are more
-  recent than every row the call did not touch. Inserts evict the least
+  n. So the rows of one call are ordered by last occurrence, and they are
+  more recent than every row the call did not touch. Inserts evict the least
   recently used untouched row (`before` in `_claim_row`), and only a call
   with more distinct IDs than the shard's capacity evicts its own rows.
   """

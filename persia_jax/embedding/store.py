@@ -46,9 +46,9 @@ reach a quarter of a 64-byte row before any free table slot, so exact LRU
 over 64-bit IDs cannot fit 1.25x there.
 
 Speed. A lookup of an ID reads two random cache lines: the table line that
-contains its key, row slot and stamp, and the row; a training lookup's stamp
-store goes to the table line it has already read, and an update also reads
-and writes the row's optimizer state. The row slot comes from the table, so
+contains its key, row slot and stamp, and the row. A training lookup's stamp
+store goes to the table line it has already read. An update also reads and
+writes the row's optimizer state. The row slot comes from the table, so
 the two misses form a chain. Every shard kernel therefore first resolves the
 rows of all its IDs (`kernels._resolve`), prefetching the table line of the ID
 `kernels.PREFETCH_DISTANCE` positions ahead, so the misses of many IDs
@@ -76,9 +76,9 @@ refreshes the IDs that have rows, then inserts the absent ones, so a call
 never evicts a row it reads (one lookup per occurrence in arrival order
 would evict a row that an earlier insert of the same call found least
 recently used). Each looked-up or inserted row is stamped with the shard
-clock plus the position of the ID's last occurrence in the call, and the
-clock then advances by n, so the call's rows are the most recent, ordered by
-last occurrence. Recency is exact: an insert evicts the row with the
+clock plus the position of the ID's last occurrence in the call, and then the
+clock advances by n. So the call's rows are the most recent, ordered by last
+occurrence. Recency is exact: an insert evicts the row with the
 smallest stamp among the rows the call does not touch. It comes from a buffer
 of the entries with the smallest stamps, refilled by an O(table) selection
 once per min(capacity / 32, 2**19) evictions, so about 32 entry reads per
@@ -181,9 +181,9 @@ _MAX_SHARD_CAPACITY = 2**31 - 2  # Row slots are int32 and -1 marks "none".
 # must hold one call's positions above the renumbered stamps.
 _MAX_CALL_IDS = 2**30
 # Lookups with fewer distinct IDs than this fraction of all IDs gather into a
-# compact buffer and expand it (see `EmbeddingStore.lookup`), if that buffer
-# is at most _COMPACT_MAX_BYTES, so that it stays in a core's cache (2 MiB of
-# L2 on the 2-core benchmark VM). With 0.31 distinct IDs (a Zipf(1.1) batch of
+# compact buffer and expand it (see `EmbeddingStore.lookup`). The buffer may
+# take at most _COMPACT_MAX_BYTES, so that it stays in a core's cache (2 MiB
+# of L2 on the 2-core benchmark VM). With 0.31 distinct IDs (a Zipf(1.1) batch of
 # 65,536) that measured about 10% faster than writing in place and copying the
 # repeats at dim 16 (1.3 MB buffer). It was 5-10% slower at dim 64 (5 MB) and
 # with no repeats.
